@@ -1,0 +1,139 @@
+"""The classifier: a torchvision backbone with its head resized to our classes.
+
+Shared by training (train_lib.py) and serving (inference.py): the model archive
+ships this file next to inference.py under code/, so both sides build the very
+same module tree and a state_dict saved by one loads in the other.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+import torchvision
+
+# ImageNet statistics: what every torchvision classification weight was trained with.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+MODEL_WEIGHTS_FILE = "model.pth"
+MODEL_META_FILE = "model.json"
+
+
+def breed_label(class_dir: str) -> str:
+    """`"005.Alaskan_malamute"` -> `"Alaskan malamute"` (dogImages folder naming)."""
+    name = re.sub(r"^\d+[._-]", "", class_dir)
+    return name.replace("_", " ").strip() or class_dir
+
+
+def _last_linear(model: nn.Module) -> tuple[nn.Module, str, nn.Linear]:
+    last = None
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if isinstance(child, nn.Linear):
+                last = (parent, name, child)
+    if last is None:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear head to replace")
+    return last
+
+
+def _head_name(model: nn.Module) -> str:
+    names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    if not names:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear head to replace")
+    return names[-1]
+
+
+def replace_head(model: nn.Module, num_classes: int) -> nn.Linear:
+    """Swap the classifier's final Linear layer for one with `num_classes` outputs."""
+    parent, name, old = _last_linear(model)
+    head = nn.Linear(old.in_features, num_classes)
+    setattr(parent, name, head)
+    return head
+
+
+def head_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return list(_last_linear(model)[2].parameters())
+
+
+def resolve_weights(arch: str, weights: str):
+    """`imagenet` -> the architecture's DEFAULT torchvision weights (IMAGENET1K_V2 for
+    ResNet50); `none` -> None. Anything else is a file path, handled by the caller."""
+    if weights == "none":
+        return None
+    if weights == "imagenet":
+        try:
+            return torchvision.models.get_model_weights(arch).DEFAULT
+        except (ValueError, KeyError) as err:
+            raise ValueError(f"--arch {arch!r} has no pretrained torchvision weights: {err}") from err
+    return None
+
+
+def build_model(arch: str, num_classes: int, weights: str = "none") -> nn.Module:
+    """A torchvision classifier with a fresh `num_classes` head.
+
+    weights: `imagenet` (downloads on first use), `none` (random init), or a path
+    to a state_dict / torchvision checkpoint of the backbone (for accounts
+    without internet); its own head, if any, is dropped.
+    """
+    try:
+        builder_weights = resolve_weights(arch, weights)
+        model = torchvision.models.get_model(arch, weights=builder_weights)
+    except ValueError as err:
+        known = ", ".join(sorted(torchvision.models.list_models(module=torchvision.models))[:12])
+        raise ValueError(f"--arch {arch!r}: {err} (torchvision classification models, e.g. {known}, ...)") from err
+    if weights not in ("imagenet", "none"):
+        path = Path(weights)
+        if not path.is_file():
+            raise FileNotFoundError(f"--weights {weights!r}: not 'imagenet', 'none' or an existing file")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and "state_dict" in state:
+            state = state["state_dict"]
+        head_prefix = _head_name(model) + "."
+        state = {k: v for k, v in state.items() if not k.startswith(head_prefix)}
+        _, unexpected = model.load_state_dict(state, strict=False)
+        if unexpected:
+            raise ValueError(f"--weights {weights!r}: keys not in {arch}: {unexpected[:5]}")
+    replace_head(model, num_classes)
+    return model
+
+
+def eval_geometry(arch: str, weights: str, image_size: int | None = None, resize_size: int | None = None) -> tuple[int, int]:
+    """(resize, crop) for evaluation: the weights' own preset (232/224 for ResNet50
+    IMAGENET1K_V2) unless overridden; 256/224 without pretrained weights."""
+    resize, crop = 256, 224
+    try:
+        preset = torchvision.models.get_model_weights(arch).DEFAULT.transforms()
+        resize, crop = int(preset.resize_size[0]), int(preset.crop_size[0])
+    except Exception:  # models without registered weights keep the classic preset
+        pass
+    if image_size:
+        resize = round(resize * image_size / crop)
+        crop = image_size
+    if resize_size:
+        resize = resize_size
+    return resize, crop
+
+
+def write_model_meta(model_dir: str | os.PathLike, meta: dict) -> Path:
+    path = Path(model_dir) / MODEL_META_FILE
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(meta, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+    return path
+
+
+def load_model(model_dir: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """Rebuild the model from model.json and load model.pth (weights_only=True)."""
+    model_dir = Path(model_dir)
+    meta_path = model_dir / MODEL_META_FILE
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{meta_path} is missing: a model dir holds {MODEL_WEIGHTS_FILE} and {MODEL_META_FILE}")
+    meta = json.loads(meta_path.read_text())
+    model = build_model(meta["arch"], len(meta["classes"]), weights="none")
+    state = torch.load(model_dir / MODEL_WEIGHTS_FILE, map_location=device, weights_only=True)
+    model.load_state_dict(state)
+    return model.to(device).eval(), meta
