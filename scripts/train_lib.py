@@ -71,25 +71,26 @@ def parse_bool(text: str) -> bool:
         return True
     if value in ("false", "0", "no", "off", ""):
         return False
-    raise argparse.ArgumentTypeError(f"{text!r} is not a boolean (true/false)")
+    raise argparse.ArgumentTypeError(f"{value!r} is not a boolean (true/false)")
 
 
 def _int(text: str) -> int:
     value = unquote(text)
     try:
-        number = float(value)
+        number = float(value)  # a tuner may send 64.0
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        number = math.nan
     if not number.is_integer():
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer")
+        raise argparse.ArgumentTypeError(f"{value!r} is not an integer")
     return int(number)
 
 
 def _float(text: str) -> float:
+    value = unquote(text)
     try:
-        return float(unquote(text))
+        return float(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
 
 
 def _str(text: str) -> str:
@@ -483,7 +484,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module,
     """Sums stay on the device (no .item() per step); one sync at the end."""
     sums = torch.zeros(3, device=ctx.device, dtype=torch.float64)  # loss*n, correct, n
     steps = len(loader) if not max_steps else min(max_steps, len(loader))
-    data_wait = 0.0
+    data_wait, lr = 0.0, optimizer.param_groups[0]["lr"]
     start = last_log = time.perf_counter()
     batches = iter(loader)
     for step in range(steps):
@@ -498,6 +499,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module,
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
+        lr = optimizer.param_groups[0]["lr"]  # the rate this step used, for the epoch line
         scheduler.step()
         n = targets.size(0)
         sums += torch.stack([loss.detach().double() * n, (logits.argmax(1) == targets).sum().double(),
@@ -511,7 +513,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module,
     seconds = time.perf_counter() - start
     loss_sum, correct, seen = all_reduce_sum(sums, ctx.d).tolist()
     seen = max(seen, 1.0)
-    return {"train_loss": loss_sum / seen, "train_acc": correct / seen, "steps": steps,
+    return {"train_loss": loss_sum / seen, "train_acc": correct / seen, "steps": steps, "lr": lr,
             "images_per_s": seen / max(seconds, 1e-9), "data_wait_s": data_wait}
 
 
@@ -561,6 +563,19 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def to_json(obj) -> str:
+    """Strict JSON: a diverged run's NaN/inf become null (json.dumps would write NaN)."""
+    def clean(x):
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v) for v in x]
+        return x
+    return json.dumps(clean(obj), indent=2, allow_nan=False)
+
+
 def cpu_state(model: nn.Module) -> dict:
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
 
@@ -599,7 +614,7 @@ def write_model_dir(model_dir: Path, state: dict, meta: dict, evaluation: dict) 
     model_dir.mkdir(parents=True, exist_ok=True)
     atomic_save(state, model_dir / modeling.MODEL_WEIGHTS_FILE)
     modeling.write_model_meta(model_dir, meta)
-    atomic_write_text(model_dir / "evaluation.json", json.dumps(evaluation, indent=2))
+    atomic_write_text(model_dir / "evaluation.json", to_json(evaluation))
     code = model_dir / "code"
     code.mkdir(exist_ok=True)
     for name in CODE_FILES:
@@ -735,11 +750,13 @@ def _run(args, callbacks, d: Dist, device: torch.device) -> dict:
         start = time.perf_counter()
         train = train_one_epoch(wrapped, loaders["train"], criterion, optimizer, scheduler, scaler, ctx,
                                 args.max_steps_per_epoch, epoch, args.log_interval)
-        wrapped.eval()
+        # evaluate the bare module: DDP's forward would sync buffers across ranks
+        # whose shards may differ by a batch
+        model.eval()
         criterion.eval()
         for cb in callbacks:
             cb.on_mode("eval")
-        valid = evaluate(wrapped, loaders["valid"], criterion, len(classes), ctx)
+        valid = evaluate(model, loaders["valid"], criterion, len(classes), ctx)
         seconds = time.perf_counter() - start
 
         improved = valid["loss"] < state["best_loss"]  # NaN never improves
@@ -750,7 +767,7 @@ def _run(args, callbacks, d: Dist, device: torch.device) -> dict:
         state["stopped"] = bool(args.patience) and state["bad_epochs"] >= args.patience
         row = {"epoch": epoch, "phase": phase, "train_loss": train["train_loss"], "train_acc": train["train_acc"],
                "valid_loss": valid["loss"], "valid_acc": valid["accuracy"],
-               "valid_top5_acc": valid["top5_accuracy"], "lr": scheduler.get_last_lr()[0],
+               "valid_top5_acc": valid["top5_accuracy"], "lr": train["lr"],
                "seconds": seconds, "images_per_s": train["images_per_s"], "data_wait_s": train["data_wait_s"]}
         state["history"].append(row)
         state["epoch"] = epoch
@@ -796,8 +813,8 @@ def _run(args, callbacks, d: Dist, device: torch.device) -> dict:
                 "resize_size": resize, "mean": list(modeling.IMAGENET_MEAN), "std": list(modeling.IMAGENET_STD)}
         write_model_dir(Path(args.model_dir), cpu_state(model), meta, evaluation)
         out = Path(args.output_data_dir)
-        atomic_write_text(out / "evaluation.json", json.dumps(evaluation, indent=2))
-        atomic_write_text(out / "history.json", json.dumps(state["history"], indent=2))
+        atomic_write_text(out / "evaluation.json", to_json(evaluation))
+        atomic_write_text(out / "history.json", to_json(state["history"]))
         plot_history(state["history"], out / "loss_curve.png", state["best_epoch"])
         log(f"wrote model to {args.model_dir}, evaluation/history/loss curve to {out}", d.rank)
     return evaluation
