@@ -422,7 +422,7 @@ def lr_factor(step: int, steps_per_epoch: int, epochs: int, freeze_epochs: int,
     warmup = int(warmup_epochs * steps_per_epoch)
     if step < warmup:
         return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    progress = min(1.0, (step - warmup) / max(1, total - warmup - 1))  # the last step at the floor
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
