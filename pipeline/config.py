@@ -33,7 +33,7 @@ class _Strict(BaseModel):
 class Sample(_Strict):
     """Generate pipeline.sample_data's dataset at `data.uri` for local runs (no download)."""
     num_classes: int = Field(4, ge=2, le=133)
-    per_class: tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]] = (24, 6, 6)
+    per_class: Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=3, max_length=3)] = [24, 6, 6]  # train, valid, test
     image_size: int = Field(64, ge=16, le=1024)
     seed: int = 0
 
@@ -261,8 +261,9 @@ def _check(cfg: Config) -> None:
         _fail(src, "aws.bucket", f"an S3 bucket name (3-63 chars, lowercase, digits, '.', '-'); got {cfg.aws.bucket!r}")
     if cfg.aws.prefix.startswith("/") or "//" in cfg.aws.prefix:
         _fail(src, "aws.prefix", f"a relative S3 key prefix without '//'; got {cfg.aws.prefix!r}")
-    if not cfg.data.uri.startswith("s3://") or len(cfg.data.uri) <= len("s3://"):
-        _fail(src, "data.uri", f"an s3://bucket/prefix/ URI; got {cfg.data.uri!r}")
+    if not re.match(r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]/(.+/)?$", cfg.data.uri):
+        _fail(src, "data.uri", f"an s3://bucket/prefix/ URI ending in '/' (holding train/ valid/ test/); "
+                               f"got {cfg.data.uri!r}")
     if cfg.training.checkpoint_prefix is not None and not cfg.training.checkpoint_prefix.startswith("s3://"):
         _fail(src, "training.checkpoint_prefix", f"an s3:// URI; got {cfg.training.checkpoint_prefix!r}")
 

@@ -5,12 +5,15 @@ executor interprets, built offline (moto) and byte-identical for the same commit
 """
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import io
 import json
+import logging
 import re
 import tarfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -147,11 +150,29 @@ class Build:
     uploads: dict[str, bytes] = field(default_factory=dict)   # s3 URI -> bytes the SDK put there
 
 
+@contextlib.contextmanager
+def _quiet_sdk():
+    """The SDK narrates every expected step of a pipeline build (popped job names, no-wait
+    sessions, telemetry notice) at INFO/WARNING; keep real errors only."""
+    loggers = [logging.getLogger(n) for n in ("sagemaker", "botocore", "boto3")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Running within a PipelineSession")
+            warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"sagemaker\.")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
 def build(cfg: Config) -> Build:
     """Build the definition offline; also return what it expects in S3 (the code tarball)."""
     tarball = source_tarball()
     uri = code_uri(cfg, tarball)
-    with offline.offline_session(cfg.aws.region, cfg.aws.bucket) as session:
+    with _quiet_sdk(), offline.offline_session(cfg.aws.region, cfg.aws.bucket) as session:
         bucket, _, key = uri[len("s3://"):].partition("/")
         session.boto_session.client("s3").put_object(Bucket=bucket, Key=key, Body=tarball)
         definition = sagemaker_pipeline(cfg, session, uri).definition()
@@ -168,3 +189,61 @@ def build_definition(cfg: Config, object_store=None) -> str:
         for uri, data in result.uploads.items():
             object_store.put_bytes(uri, data)
     return result.definition
+
+
+# --- per-execution parameter overrides ----------------------------------------
+
+# Which image each instance-type Parameter runs: (step type, path to the image in its Arguments).
+_IMAGE_OF = {
+    "TuningInstanceType": ("Tuning", ("TrainingJobDefinition", "AlgorithmSpecification", "TrainingImage")),
+    "TrainingInstanceType": ("Training", ("AlgorithmSpecification", "TrainingImage")),
+    "EndpointInstanceType": ("Model", ("PrimaryContainer", "Image")),
+}
+
+
+def check_params(definition_json: str, params: list[str] | dict) -> dict:
+    """Validate `--param NAME=VALUE` overrides against a definition; return {name: typed value}.
+
+    Unknown names and wrong types fail, and so does an instance type that needs the
+    other image: the definition's CPU/GPU image was chosen at build time from config,
+    so switching needs a rebuild (set the type in pipeline.yaml), never a silent mismatch.
+    """
+    from pipeline.graph import all_steps
+    definition = json.loads(definition_json) if isinstance(definition_json, str) else definition_json
+    declared = {p["Name"]: p for p in definition.get("Parameters", [])}
+    if not isinstance(params, dict):
+        pairs = {}
+        for item in params:
+            name, sep, value = item.partition("=")
+            if not sep or not name:
+                raise ValueError(f"--param {item!r}: expected NAME=VALUE")
+            pairs[name] = value
+        params = pairs
+    out = {}
+    for name, value in params.items():
+        if name not in declared:
+            raise ValueError(f"--param {name}: not a parameter of this pipeline; known: {sorted(declared)}")
+        kind = declared[name]["Type"]
+        try:
+            out[name] = int(value) if kind == "Integer" else float(value) if kind == "Float" else str(value)
+        except ValueError:
+            raise ValueError(f"--param {name}={value!r}: expected {kind}") from None
+    for name, (step_type, path) in _IMAGE_OF.items():
+        if name not in out:
+            continue
+        for step in all_steps(definition):
+            if step["Type"] != step_type:
+                continue
+            node = step["Arguments"]
+            for key in path:
+                node = node.get(key, {}) if isinstance(node, dict) else {}
+            if not isinstance(node, str):
+                continue
+            built_gpu = "-gpu-" in node
+            if gpu_instance(out[name]) != built_gpu:
+                want = "GPU" if gpu_instance(out[name]) else "CPU"
+                have = "GPU" if built_gpu else "CPU"
+                raise ValueError(
+                    f"--param {name}={out[name]} needs the {want} image, but step {step['Name']} was built "
+                    f"with the {have} image {node}; set the instance type in the config and rebuild")
+    return out
