@@ -42,6 +42,10 @@ class Data(_Strict):
     uri: str                        # s3://bucket/prefix/ holding train/ valid/ test/
     sample: Sample | None = None
 
+    @property
+    def s3_uri(self) -> str:
+        return self.uri
+
 
 # --- compute ------------------------------------------------------------------
 
@@ -194,6 +198,23 @@ class Config(_Strict):
     retry: Retry = Retry()
     tags: dict[str, str] = {}
     source: str = ""                           # the file this came from (set by load_config)
+
+    # Flat names for the AWS and data modules.
+    @property
+    def pipeline_name(self) -> str:
+        return self.pipeline.name
+
+    @property
+    def region(self) -> str:
+        return self.aws.region
+
+    @property
+    def role_arn(self) -> str:
+        return self.aws.role
+
+    @property
+    def bucket(self) -> str:
+        return self.aws.bucket
 
     @property
     def s3_root(self) -> str:

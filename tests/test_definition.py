@@ -333,8 +333,9 @@ def test_object_store_gets_the_code_where_the_definition_says(built, configs, st
     with tarfile.open(fileobj=io.BytesIO(store.path(uri).read_bytes())) as tar:
         names = sorted(tar.getnames())
         assert all(m.mtime == 0 and m.uid == 0 for m in tar.getmembers())
-    expected = sorted(p.relative_to(ROOT / "scripts").as_posix() for p in (ROOT / "scripts").rglob("*.py")
-                      if "__pycache__" not in p.parts)
+    expected = sorted(p.relative_to(ROOT / "scripts").as_posix() for p in (ROOT / "scripts").rglob("*")
+                      if p.is_file() and p.suffix != ".pyc"
+                      and not any(part.startswith(".") or part == "__pycache__" for part in p.parts))
     assert names == expected
 
 
