@@ -130,7 +130,8 @@ def _decode_image(raw: bytes, what: str, pixel_budget: int) -> Image.Image:
     except InferenceError:
         raise
     except Image.DecompressionBombError as err:
-        raise InferenceError(413, f"{what}: {err}") from err
+        raise InferenceError(413, f"{what}: {err} Send a smaller image: at most {MAX_PIXELS} pixels "
+                                  f"per request (INFERENCE_MAX_PIXELS)") from err
     except UnidentifiedImageError as err:
         raise InferenceError(400, f"{what} is not an image PIL can read ({len(raw)} bytes): "
                                   f"send a JPEG or PNG file") from err
