@@ -52,6 +52,11 @@ def _http_caller(url: str):
     return call
 
 
+def _client(service: str, region: str):
+    import boto3
+    return boto3.client(service, region_name=region)
+
+
 def _sagemaker_caller(name: str, region: str | None):
     import boto3
     from botocore.exceptions import BotoCoreError, ClientError
@@ -60,7 +65,7 @@ def _sagemaker_caller(name: str, region: str | None):
     if not region:
         raise InvokeError(f"endpoint {name!r}: no AWS region; pass --region or set AWS_REGION")
     try:  # boto3 honours AWS_ENDPOINT_URL (e.g. a moto server) for both clients
-        described = boto3.client("sagemaker", region_name=region).describe_endpoint(EndpointName=name)
+        described = _client("sagemaker", region).describe_endpoint(EndpointName=name)
     except ClientError as err:
         message = err.response.get("Error", {}).get("Message", str(err))
         if "Could not find" in message or err.response.get("Error", {}).get("Code") == "ValidationException":
@@ -74,7 +79,7 @@ def _sagemaker_caller(name: str, region: str | None):
         reason = described.get("FailureReason")
         raise InvokeError(f"SageMaker endpoint {name!r} is {status}, not InService"
                           + (f": {reason}" if reason else "; wait for it (or check its events in the console)"))
-    runtime = boto3.client("sagemaker-runtime", region_name=region)
+    runtime = _client("sagemaker-runtime", region)
 
     def call(body: bytes, ctype: str) -> bytes:
         try:

@@ -372,17 +372,17 @@ def serve(model: str | os.PathLike, host: str = "127.0.0.1", port: int | None = 
           program: str | None = None, max_batch_size: int = 8, max_batch_delay_ms: float = 5.0,
           timeout_s: float = 60.0, threads: int | None = None, url_file: str | None = None) -> int:
     """Serve MODEL until SIGTERM/SIGINT; returns the exit status (0 after a clean stop)."""
-    import torch
-    import uvicorn
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     if port is None:
         port = int(os.environ.get("SAGEMAKER_BIND_TO_PORT", DEFAULT_PORT))
-    # intra-op threads do the forward pass; input decoding runs on a few extra threads
-    torch.set_num_threads(threads or int(os.environ.get("OMP_NUM_THREADS", 0)) or os.cpu_count() or 1)
     workdir = tempfile.mkdtemp(prefix="serve-")
     try:
-        model_dir = resolve_model(model, workdir)
+        model_dir = resolve_model(model, workdir)  # a bad archive fails before the slow imports
+        import torch
+        import uvicorn
+
+        # intra-op threads do the forward pass; input decoding runs on a few extra threads
+        torch.set_num_threads(threads or int(os.environ.get("OMP_NUM_THREADS", 0)) or os.cpu_count() or 1)
         sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
