@@ -39,6 +39,7 @@ from scripts.metrics import parse_metrics
 REGION = "local"
 ACCOUNT = "000000000000"
 HOST = "algo-1"
+TUNING_METRIC = "_tuning_objective_metric"
 
 
 # ---------------------------------------------------------------- small helpers
@@ -267,8 +268,9 @@ def run_training_job(
     created = now_iso()
     hps_raw = {k: (v if isinstance(v, str) else json.dumps(v)) for k, v in (request.get("HyperParameters") or {}).items()}
     hps = {k: unquote(v) for k, v in hps_raw.items()}
-    framework = {k: v for k, v in hps.items() if k.startswith("sagemaker_")}
-    user_hps = {k: v for k, v in hps.items() if not k.startswith("sagemaker_")}
+    # sagemaker_* and the tuner's _tuning_objective_metric are the platform's, not the script's
+    framework = {k: v for k, v in hps.items() if k.startswith("sagemaker_") or k == TUNING_METRIC}
+    user_hps = {k: v for k, v in hps.items() if k not in framework}
     algo = request.get("AlgorithmSpecification") or {}
     resources = request.get("ResourceConfig") or request.get("HyperParameterTuningResourceConfig") or {}
     instance_type = resources.get("InstanceType", "local")
@@ -328,7 +330,7 @@ def run_training_job(
         "network_interface_name": "eth0", "hps": user_hps, "user_entry_point": program,
         "framework_params": {k: v for k, v in framework.items()
                              if k not in ("sagemaker_program", "sagemaker_submit_directory", "sagemaker_region",
-                                          "sagemaker_container_log_level", "sagemaker_job_name")},
+                                          "sagemaker_container_log_level", "sagemaker_job_name", TUNING_METRIC)},
         "resource_config": resource_config, "input_data_config": read_json(cfg_dir / "inputdataconfig.json"),
         "output_data_dir": str(output_dir / "data"), "channels": sorted(channel_dirs),
         "module_name": Path(program).stem, "log_level": framework.get("sagemaker_container_log_level", 20),
@@ -413,12 +415,18 @@ def run_training_job(
         if finite:
             final.append({"MetricName": metric, "Value": finite[-1], "Timestamp": ended})
 
+    failure_kind = None
     if secondary == "Completed" and proc.returncode != 0:
         status, secondary = "Failed", "Failed"
         failure_file = output_dir / "failure"
         reason = failure_file.read_text().strip() if failure_file.exists() else ""
-        tail = [l for l in log_text.strip().splitlines()[-5:]]
-        reason = reason or f"AlgorithmError: exit code {proc.returncode}: " + " | ".join(tail)[-800:]
+        tail = " | ".join(log_text.strip().splitlines()[-5:])[-800:]
+        if proc.returncode < 0:
+            # killed from outside (OOM killer, a signal): the platform's fault, retryable
+            # under a SageMaker.JOB_INTERNAL_ERROR RetryPolicy
+            failure_kind = "JOB_INTERNAL_ERROR"
+            reason = reason or f"InternalServerError: the job's process was killed by signal {-proc.returncode}: {tail}"
+        reason = reason or f"AlgorithmError: exit code {proc.returncode}: {tail}"
     elif secondary == "Completed":
         status, reason = "Completed", None
     else:
@@ -437,7 +445,8 @@ def run_training_job(
         profile = profiler_summary(output_dir / "profiler" / "system_metrics.jsonl")
         write_json(output_dir / "profiler" / "system_summary.json", profile)
         for extra in (output_dir / "data").glob("*profil*"):  # the job's own torch.profiler summary
-            shutil.copy2(extra, output_dir / "profiler" / extra.name) if extra.is_file() else None
+            if extra.is_file():
+                shutil.copy2(extra, output_dir / "profiler" / extra.name)
         if isinstance(profiler.get("S3OutputPath"), str):
             store.put_dir(f"{profiler['S3OutputPath'].rstrip('/')}/{name}/profiler-output", output_dir / "profiler")
 
@@ -467,6 +476,8 @@ def run_training_job(
     }
     if reason:
         describe["FailureReason"] = reason
+    if failure_kind:
+        describe["LocalFailureKind"] = failure_kind
     for key in ("DebugHookConfig", "DebugRuleConfigurations", "ProfilerConfig", "ProfilerRuleConfigurations",
                 "CheckpointConfig", "TensorBoardOutputConfig", "ExperimentConfig"):
         if request.get(key) is not None:
