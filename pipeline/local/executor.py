@@ -427,7 +427,6 @@ class Execution:
         return on_line
 
     def _training(self, name: str, args: dict) -> dict:
-        from pipeline.local import rules
         sdir = self.step_dir(name)
         previous = read_json(sdir / "job_name.json")  # resume: the same job name keeps its checkpoints
         job = previous or self._job_name(name)
@@ -436,6 +435,7 @@ class Execution:
                                     python=self.python)
         tensors = Path(describe["LocalJobDir"]) / "opt_ml" / "output" / "tensors"
         if args.get("DebugRuleConfigurations"):
+            from pipeline.local import rules  # smdebug is slow to import: only when rules are asked for
             describe["DebugRuleEvaluationStatuses"] = rules.evaluate_rules(
                 args["DebugRuleConfigurations"], tensors, job)
             for s in describe["DebugRuleEvaluationStatuses"]:

@@ -239,6 +239,7 @@ def evaluate_rule(rule_name: str, params: dict[str, Any], tensors_dir: str | Pat
         return "Error", f"no Debugger tensors at {path}: the job ran without an smdebug hook"
     try:
         trial = create_trial(str(path))
+        trial._training_end_delay_refresh = 0  # the job has finished: nothing more will arrive
         rule = RULES[rule_name](trial, **params)
         steps = trial.steps()
         for step in steps:
