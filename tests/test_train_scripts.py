@@ -93,6 +93,30 @@ def test_model_dir_is_a_deployable_model(trained, dataset):
         json.load(open(os.path.join(trained["output_dir"], "evaluation.json")))
 
 
+def test_packaged_inference_code_serves_the_trained_model(trained, dataset):
+    """code/inference.py from the model dir, as the inference container loads it:
+    its answers on the test split agree with training's own test accuracy."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("packaged_inference",
+                                                  os.path.join(trained["model_dir"], "code", "inference.py"))
+    inference = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(inference)
+    model = inference.model_fn(trained["model_dir"])
+    classes = sorted(p.name for p in (dataset / "test").iterdir())
+    correct = total = 0
+    for index, name in enumerate(classes):
+        for image in sorted((dataset / "test" / name).iterdir()):
+            body, content_type = inference.output_fn(
+                inference.predict_fn(inference.input_fn(image.read_bytes(), "image/jpeg"), model), "application/json")
+            answer = json.loads(body)
+            assert len(answer["probabilities"]) == NUM_CLASSES
+            correct += answer["top"][0]["label"] == modeling.breed_label(name)
+            total += 1
+    evaluation = json.load(open(os.path.join(trained["model_dir"], "evaluation.json")))
+    assert abs(correct - evaluation["test_accuracy"] * total) <= 1, (correct, total, evaluation["test_accuracy"])
+
+
 def test_evaluation_matches_the_summary_lines_and_beats_chance(trained):
     evaluation = json.load(open(os.path.join(trained["output_dir"], "evaluation.json")))
     final = metrics.final_metrics(trained["log"])
