@@ -37,6 +37,8 @@ SCRIPTS_DIR = Path(__file__).resolve().parent
 SPLITS = ("train", "valid", "test")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 CHECKPOINT_FILE = "checkpoint.pt"
+# SageMaker syncs /opt/ml/checkpoints with checkpoint_s3_uri; outside a container, ./checkpoints
+DEFAULT_CHECKPOINT_DIR = "/opt/ml/checkpoints" if Path("/opt/ml").is_dir() else "checkpoints"
 # Files that make the model dir a deployable model.tar.gz (SAGEMAKER_PROGRAM=inference.py).
 CODE_FILES = ("inference.py", "modeling.py")
 INFERENCE_REQUIREMENTS = "requirements-inference.txt"
@@ -147,7 +149,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     add("--test", type=_str, default=_env("SM_CHANNEL_TEST"))
     add("--model-dir", type=_str, default=_env("SM_MODEL_DIR", default="model"))
     add("--output-data-dir", type=_str, default=_env("SM_OUTPUT_DATA_DIR", default="output"))
-    add("--checkpoint-dir", type=_str, default=_env("SM_CHECKPOINT_DIR", default="/opt/ml/checkpoints"),
+    add("--checkpoint-dir", type=_str, default=_env("SM_CHECKPOINT_DIR", default=DEFAULT_CHECKPOINT_DIR),
         help="per-epoch checkpoint; a restarted job resumes from it (spot)")
     return p
 
@@ -482,7 +484,8 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module,
                     optimizer: torch.optim.Optimizer, scheduler, scaler, ctx: Context,
                     max_steps: int, epoch: int, log_interval: float) -> dict:
     """Sums stay on the device (no .item() per step); one sync at the end."""
-    sums = torch.zeros(3, device=ctx.device, dtype=torch.float64)  # loss*n, correct, n
+    sums = torch.zeros(2, device=ctx.device, dtype=torch.float64)  # loss*n, correct
+    seen = 0  # a host int: building a tensor from it each step would sync CUDA
     steps = len(loader) if not max_steps else min(max_steps, len(loader))
     data_wait, lr = 0.0, optimizer.param_groups[0]["lr"]
     start = last_log = time.perf_counter()
@@ -502,8 +505,8 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module,
         lr = optimizer.param_groups[0]["lr"]  # the rate this step used, for the epoch line
         scheduler.step()
         n = targets.size(0)
-        sums += torch.stack([loss.detach().double() * n, (logits.argmax(1) == targets).sum().double(),
-                             torch.tensor(float(n), device=ctx.device, dtype=torch.float64)])
+        seen += n
+        sums += torch.stack([loss.detach().double() * n, (logits.argmax(1) == targets).sum().double()])
         for cb in ctx.callbacks:
             cb.on_step()
         now = time.perf_counter()
@@ -511,7 +514,8 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module,
             last_log = now
             log(f"epoch {epoch}: step {step + 1}/{steps} {(step + 1) / (now - start):.2f} steps/s", ctx.d.rank)
     seconds = time.perf_counter() - start
-    loss_sum, correct, seen = all_reduce_sum(sums, ctx.d).tolist()
+    totals = torch.cat([sums, torch.tensor([float(seen)], dtype=torch.float64).to(ctx.device)])
+    loss_sum, correct, seen = all_reduce_sum(totals, ctx.d).tolist()
     seen = max(seen, 1.0)
     return {"train_loss": loss_sum / seen, "train_acc": correct / seen, "steps": steps, "lr": lr,
             "images_per_s": seen / max(seconds, 1e-9), "data_wait_s": data_wait}
@@ -523,7 +527,8 @@ def evaluate(model: nn.Module, loader: DataLoader, criterion: nn.Module, num_cla
     """Plain cross-entropy, top-1/top-5 accuracy and per-class accuracy over the
     whole split (every rank a shard, summed)."""
     k = min(5, num_classes)
-    sums = torch.zeros(4, device=ctx.device, dtype=torch.float64)  # loss*n, top1, topk, n
+    sums = torch.zeros(3, device=ctx.device, dtype=torch.float64)  # loss*n, top1, topk
+    seen = 0
     per_class = torch.zeros(2, num_classes, device=ctx.device, dtype=torch.float64)  # correct, total
     for images, targets in loader:
         images, targets = ctx.to_device(images, targets)
@@ -534,13 +539,15 @@ def evaluate(model: nn.Module, loader: DataLoader, criterion: nn.Module, num_cla
         hit1 = top[:, 0] == targets
         hitk = (top == targets[:, None]).any(dim=1)
         n = targets.size(0)
-        sums += torch.stack([loss.float().double() * n, hit1.sum().double(), hitk.sum().double(),
-                             torch.tensor(float(n), device=ctx.device, dtype=torch.float64)])
-        per_class[0] += torch.bincount(targets[hit1], minlength=num_classes).double()
-        per_class[1] += torch.bincount(targets, minlength=num_classes).double()
-    all_reduce_sum(sums, ctx.d)
+        seen += n
+        sums += torch.stack([loss.double() * n, hit1.sum().double(), hitk.sum().double()])
+        # index_add_, not boolean indexing: no device sync per batch
+        per_class[0].index_add_(0, targets, hit1.double())
+        per_class[1].index_add_(0, targets, torch.ones_like(targets, dtype=torch.float64))
+    totals = torch.cat([sums, torch.tensor([float(seen)], dtype=torch.float64).to(ctx.device)])
+    all_reduce_sum(totals, ctx.d)
     all_reduce_sum(per_class, ctx.d)
-    loss_sum, top1, topk, seen = sums.tolist()
+    loss_sum, top1, topk, seen = totals.tolist()
     correct, total = per_class.tolist()
     seen = max(seen, 1.0)
     return {"loss": loss_sum / seen, "accuracy": top1 / seen, "top5_accuracy": topk / seen, "count": int(seen),
