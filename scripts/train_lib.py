@@ -229,10 +229,14 @@ def _split_dir(root: Path, split: str) -> Path | None:
     return nested[0] if len(nested) == 1 and nested[0].is_dir() else None
 
 
-def data_dirs(args: argparse.Namespace) -> dict[str, Path]:
-    """Where each split lives: its own channel, else inside --data-dir / SM_CHANNEL_TRAINING."""
+def data_dirs(args: argparse.Namespace, require_test: bool = True) -> dict[str, Path]:
+    """Where each split lives: its own channel, else inside --data-dir / SM_CHANNEL_TRAINING.
+
+    require_test=False (tuning trials): no test split given is fine; the pipeline keeps
+    the test channel from the tuner so the search never sees it."""
     dirs = {}
     for split in SPLITS:
+        optional = split == "test" and not require_test
         explicit = getattr(args, split)
         env = f"SM_CHANNEL_{split.upper()}"
         if explicit:
@@ -246,9 +250,13 @@ def data_dirs(args: argparse.Namespace) -> dict[str, Path]:
             if not root.is_dir():
                 raise InputError(f"--data-dir {root}: no such directory (channel 'training', env SM_CHANNEL_TRAINING)")
             path = _split_dir(root, split)
+            if path is None and optional:
+                continue
             if path is None:
                 raise InputError(f"--data-dir {root}: has no {split}/ folder; expected train/ valid/ test/ "
                                  f"with one folder per class")
+        elif optional:
+            continue
         else:
             raise InputError(f"--{split}: no data given; pass --{split} DIR or --data-dir DIR, "
                              f"or set {env} (or SM_CHANNEL_TRAINING holding train/ valid/ test/)")
@@ -358,12 +366,15 @@ def build_loaders(samples, crop: int, resize: int, args, device, d: Dist) -> dic
         int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     train_ds = ImageList(samples["train"], train_transform(crop), decode_size=resize)
     valid_ds = ImageList(samples["valid"], eval_transform(resize, crop), decode_size=resize)
-    test_ds = ImageList(samples["test"], eval_transform(resize, crop), decode_size=resize)
-    return {
+    loaders = {
         "train": make_loader(train_ds, args.batch_size, workers, device, d, train=True, seed=args.seed),
         "valid": make_loader(valid_ds, args.test_batch_size, workers, device, d, train=False),
-        "test": make_loader(test_ds, args.test_batch_size, workers, device, d, train=False, persistent=False),
     }
+    if "test" in samples:  # read once, at the end: no persistent workers
+        test_ds = ImageList(samples["test"], eval_transform(resize, crop), decode_size=resize)
+        loaders["test"] = make_loader(test_ds, args.test_batch_size, workers, device, d, train=False,
+                                      persistent=False)
+    return loaders
 
 
 # ----------------------------------------------------------------------------- model, optimiser
@@ -668,13 +679,13 @@ def write_failure(message: str) -> None:
 
 # ----------------------------------------------------------------------------- main
 
-def run(args: argparse.Namespace, callbacks: list[Callbacks] = ()) -> dict:
+def run(args: argparse.Namespace, callbacks: list[Callbacks] = (), require_test: bool = True) -> dict:
     """Train, keep the best-by-validation weights, evaluate once on test, write outputs.
     Returns evaluation.json's content."""
     callbacks = list(callbacks)
     d, device = setup_distributed()
     try:
-        return _run(args, callbacks, d, device)
+        return _run(args, callbacks, d, device, require_test)
     finally:
         for cb in callbacks:
             cb.close()
@@ -682,12 +693,12 @@ def run(args: argparse.Namespace, callbacks: list[Callbacks] = ()) -> dict:
             dist.destroy_process_group()
 
 
-def _run(args, callbacks, d: Dist, device: torch.device) -> dict:
+def _run(args, callbacks, d: Dist, device: torch.device, require_test: bool) -> dict:
     random.seed(args.seed)
     torch.manual_seed(args.seed)
-    classes, samples = scan_dataset(data_dirs(args))
+    classes, samples = scan_dataset(data_dirs(args, require_test))
     weights = resolve_weights_path(args.weights, args)
-    log(f"data: {len(classes)} classes, " + ", ".join(f"{s}={len(samples[s])}" for s in SPLITS)
+    log(f"data: {len(classes)} classes, " + ", ".join(f"{s}={len(v)}" for s, v in samples.items())
         + f"; device={device} world={d.world}", d.rank)
 
     # rank 0 first, so only one process downloads pretrained weights into the cache
@@ -798,7 +809,11 @@ def _run(args, callbacks, d: Dist, device: torch.device) -> dict:
     criterion.eval()
     for cb in callbacks:
         cb.on_mode("eval")
-    test = evaluate(model, loaders["test"], criterion, len(classes), ctx)
+    if "test" in loaders:
+        test = evaluate(model, loaders["test"], criterion, len(classes), ctx)
+    else:
+        test = {"loss": None, "accuracy": None, "top5_accuracy": None, "count": 0, "per_class": []}
+        log("no test split given: test metrics not reported (tuning trials never see the test channel)", d.rank)
 
     labels = [modeling.breed_label(c) for c in classes]
     evaluation = {
@@ -813,7 +828,8 @@ def _run(args, callbacks, d: Dist, device: torch.device) -> dict:
                         ("average test loss", test["loss"]),
                         ("test accuracy", test["accuracy"]),
                         ("test top5 accuracy", test["top5_accuracy"])):
-        log(metrics.format_summary(name, value), d.rank)
+        if value is not None:
+            log(metrics.format_summary(name, value), d.rank)
 
     if d.rank == 0:
         meta = {"arch": args.arch, "classes": classes, "labels": labels, "image_size": crop,
@@ -827,14 +843,15 @@ def _run(args, callbacks, d: Dist, device: torch.device) -> dict:
     return evaluation
 
 
-def main(argv: list[str] | None = None, prog: str | None = None, extend=None, make_callbacks=None) -> int:
+def main(argv: list[str] | None = None, prog: str | None = None, extend=None, make_callbacks=None,
+         require_test: bool = True) -> int:
     """Entry point body: parse, run, turn bad input into one clear line and exit 1.
 
     extend(parser) adds flags; make_callbacks(args) -> list of Callbacks."""
     args = parse_args(argv, prog, extend)
     try:
         callbacks = make_callbacks(args) if make_callbacks else []
-        run(args, callbacks)
+        run(args, callbacks, require_test)
     except InputError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         write_failure(str(err))

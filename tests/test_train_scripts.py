@@ -219,12 +219,18 @@ def test_two_process_ddp_with_weights_from_a_channel(dataset, tmp_path):
     assert [h["phase"] for h in history] == ["head", "full"]  # DDP re-wrapped on unfreezing
 
 
-def test_a_diverging_run_stops_early_and_still_writes_strict_json(dataset, tmp_path):
+def test_a_trial_without_test_channel_diverging_stops_early_with_strict_json(dataset, tmp_path):
+    """Tuning trials get train/ and valid/ only (the search never sees test/)."""
     hps = {**HP, "lr": 1e6, "epochs": 6, "patience": 2, "max-steps-per-epoch": 2}
-    env = sagemaker_env(tmp_path, split_channels(dataset), hps)
+    channels = split_channels(dataset)
+    del channels["test"]
+    env = sagemaker_env(tmp_path, channels, hps)
     proc = run_script("hpo.py", hyperparameter_args(hps), env)
     assert "early stop: no improvement in 2 epochs" in proc.stdout
     assert len(epochs_printed(proc.stdout)) <= 4, proc.stdout
+    found = metrics.parse_metrics(proc.stdout)
+    assert "average validation loss" in found and "average test loss" not in found
+    assert json.load(open(os.path.join(env["SM_OUTPUT_DATA_DIR"], "evaluation.json")))["test_accuracy"] is None
     for name in ("evaluation.json", "history.json"):
         text = open(os.path.join(env["SM_OUTPUT_DATA_DIR"], name)).read()
         json.loads(text, parse_constant=lambda c: pytest.fail(f"{name} holds {c}"))
@@ -245,12 +251,18 @@ def test_without_smdebug_it_warns_once_and_trains(dataset, tmp_path):
     assert os.path.isfile(os.path.join(env["SM_MODEL_DIR"], "model.pth"))
 
 
-@pytest.mark.parametrize("case", ["missing channel", "empty class folder", "bad arch", "bad number"])
+@pytest.mark.parametrize("case", ["missing channel", "no test for train_model", "empty class folder", "bad arch",
+                                  "bad number"])
 def test_bad_input_fails_with_a_message_naming_the_field(case, tmp_path):
     small_dataset = generate_dataset(tmp_path / "data", num_classes=2, per_class=(2, 1, 1), size=16)
     channels = split_channels(small_dataset)
     args = {**HP, "epochs": 1}
-    if case == "missing channel":
+    script = "hpo.py"
+    if case == "no test for train_model":
+        del channels["test"]
+        script = "train_model.py"
+        expected = ["--test: no data given", "SM_CHANNEL_TEST"]
+    elif case == "missing channel":
         channels["valid"] = tmp_path / "no-such-dir"
         expected = [f"--valid {tmp_path / 'no-such-dir'}: no such directory"]
     elif case == "empty class folder":
@@ -263,7 +275,7 @@ def test_bad_input_fails_with_a_message_naming_the_field(case, tmp_path):
         args["batch-size"] = "sixty"
         expected = ["--batch-size", "'sixty' is not an integer"]
     env = sagemaker_env(tmp_path, channels, args)
-    proc = run_script("hpo.py", hyperparameter_args(args, quoted=True), env, check=False)
+    proc = run_script(script, hyperparameter_args(args, quoted=True), env, check=False)
     assert proc.returncode != 0
     assert "Traceback" not in proc.stdout, proc.stdout
     for text in expected:
