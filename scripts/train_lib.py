@@ -491,6 +491,21 @@ class Context:
                 targets.to(self.device, non_blocking=True))
 
 
+def train_step(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, criterion: nn.Module,
+               optimizer: torch.optim.Optimizer, scheduler, scaler, ctx: Context) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimiser step on a batch from the loader; (loss, correct) stay on the device."""
+    images, targets = ctx.to_device(images, targets)
+    with ctx.autocast():
+        logits = model(images)
+        loss = criterion(logits, targets)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+    return loss.detach(), (logits.argmax(1) == targets).sum()
+
+
 def train_one_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module,
                     optimizer: torch.optim.Optimizer, scheduler, scaler, ctx: Context,
                     max_steps: int, epoch: int, log_interval: float) -> dict:
@@ -505,19 +520,11 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module,
         t0 = time.perf_counter()
         images, targets = next(batches)
         data_wait += time.perf_counter() - t0
-        images, targets = ctx.to_device(images, targets)
-        with ctx.autocast():
-            logits = model(images)
-            loss = criterion(logits, targets)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        lr = optimizer.param_groups[0]["lr"]  # the rate this step used, for the epoch line
-        scheduler.step()
+        lr = optimizer.param_groups[0]["lr"]  # the rate this step uses, for the epoch line
+        loss, correct = train_step(model, images, targets, criterion, optimizer, scheduler, scaler, ctx)
         n = targets.size(0)
         seen += n
-        sums += torch.stack([loss.detach().double() * n, (logits.argmax(1) == targets).sum().double()])
+        sums += torch.stack([loss.double() * n, correct.double()])
         for cb in ctx.callbacks:
             cb.on_step()
         now = time.perf_counter()
@@ -701,11 +708,11 @@ def _run(args, callbacks, d: Dist, device: torch.device, require_test: bool) -> 
     log(f"data: {len(classes)} classes, " + ", ".join(f"{s}={len(v)}" for s, v in samples.items())
         + f"; device={device} world={d.world}", d.rank)
 
-    # rank 0 first, so only one process downloads pretrained weights into the cache
-    if d.enabled and d.rank != 0:
+    # local rank 0 first, so one process per host downloads pretrained weights into its cache
+    if d.enabled and d.local_rank != 0:
         dist.barrier()
     model = build_model(args.arch, len(classes), weights)
-    if d.enabled and d.rank == 0:
+    if d.enabled and d.local_rank == 0:
         dist.barrier()
     resize, crop = modeling.eval_geometry(args.arch, weights, args.image_size, args.resize_size)
     channels_last = args.channels_last == "true" or (args.channels_last == "auto" and device.type == "cuda")
@@ -734,7 +741,8 @@ def _run(args, callbacks, d: Dist, device: torch.device, require_test: bool) -> 
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
+        if ckpt["scaler"]:  # empty when saved without fp16
+            scaler.load_state_dict(ckpt["scaler"])
         set_rng_state(ckpt["rng"], device)
         state.update({k: ckpt[k] for k in state})
         log(f"resuming from {ckpt_path} after epoch {state['epoch']} "
