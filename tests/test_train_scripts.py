@@ -315,3 +315,16 @@ def test_lr_schedule_head_constant_then_warmup_then_cosine(train_lib):
     assert f[:10] == [1.0] * 10
     assert f[10] == pytest.approx(0.1) and f[19] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(f[20:], f[21:])) and f[49] == pytest.approx(0.01, abs=2e-3)
+
+
+def test_jpegs_decode_reduced_but_never_below_the_resize_and_truncated_ones_load(train_lib, tmp_path):
+    from PIL import Image
+
+    big = tmp_path / "big.jpg"
+    Image.new("RGB", (1000, 800), (200, 30, 30)).save(big, quality=90)
+    image = train_lib.load_image(big, min_size=232)
+    assert image.mode == "RGB" and min(image.size) >= 232 and image.size[0] < 1000  # DCT-scaled: 500x400
+    assert train_lib.load_image(big).size == (1000, 800)
+    truncated = tmp_path / "truncated.jpg"  # like dogImages' Leonberger_06571.jpg
+    truncated.write_bytes(big.read_bytes()[:-2000])
+    assert train_lib.load_image(truncated, min_size=64).mode == "RGB"
