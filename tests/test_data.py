@@ -233,8 +233,8 @@ def test_prepare_data_downloads_verifies_and_uploads_to_s3(aws_env, serve, tiny_
     s3.create_bucket(Bucket="dogbreed-data")
     srv = serve(tiny_zip)
     monkeypatch.setattr(data, "DEFAULT_CACHE", tmp_path / "cache")
-    cfg = SimpleNamespace(region="us-east-1", data=SimpleNamespace(s3_uri="s3://dogbreed-data/dogs/", url=srv.url,
-                                                                  strict=False))
+    cfg = SimpleNamespace(aws=SimpleNamespace(region="us-east-1"),
+                          data=SimpleNamespace(uri="s3://dogbreed-data/dogs/", url=srv.url, strict=False))
     assert data.prepare_data(cfg, source=None, local=False) == "s3://dogbreed-data/dogs/"
     keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket="dogbreed-data")["Contents"])
     assert len(keys) == 24 and keys[0].startswith(f"dogs/test/{DOG_CLASS_DIRS[0]}/")
@@ -251,7 +251,8 @@ def test_prepare_data_downloads_verifies_and_uploads_to_s3(aws_env, serve, tiny_
 
 def test_prepare_data_missing_bucket_fails_before_download(aws_env, serve, tiny_zip, capsys):
     srv = serve(tiny_zip)
-    cfg = SimpleNamespace(region="us-east-1", data=SimpleNamespace(s3_uri="s3://nope-bucket/dogs", url=srv.url))
+    cfg = SimpleNamespace(aws=SimpleNamespace(region="us-east-1"),
+                          data=SimpleNamespace(uri="s3://nope-bucket/dogs", url=srv.url))
     with pytest.raises(SystemExit) as exit_:
         data.prepare_data(cfg, source=None, local=False)
     assert exit_.value.code == 2
