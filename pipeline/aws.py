@@ -45,7 +45,7 @@ def _code(err: ClientError) -> str:
 
 def check_region(region: str | None) -> str:
     if not region:
-        raise AwsSetupError("no AWS region: set `region` in the config, pass --region, or set AWS_REGION")
+        raise AwsSetupError("no AWS region: set aws.region in the config, pass --region, or set AWS_REGION")
     session = boto3.Session()
     known = {r for p in session.get_available_partitions()
              for r in session.get_available_regions("sagemaker", partition_name=p)}
@@ -86,7 +86,7 @@ def _trusts_sagemaker(policy) -> bool:
 
 def check_role(session: boto3.Session, role_arn: str | None, out: TextIO = sys.stdout) -> None:
     if not role_arn:
-        raise AwsSetupError("no SageMaker execution role: set `role_arn` in the config, pass --role, "
+        raise AwsSetupError("no SageMaker execution role: set aws.role in the config, pass --role, "
                             "or set SAGEMAKER_ROLE_ARN (the infra/ stack outputs it)")
     m = ROLE_ARN_RE.match(role_arn)
     if not m:
@@ -96,7 +96,7 @@ def check_role(session: boto3.Session, role_arn: str | None, out: TextIO = sys.s
     except ClientError as e:
         if _code(e) == "NoSuchEntity":
             raise AwsSetupError(f"IAM role {m.group(2)!r} does not exist in account {m.group(1)} "
-                                f"(deploy infra/template.yaml or fix role_arn)")
+                                f"(deploy infra/template.yaml, or fix aws.role / --role)")
         if _code(e) in ("AccessDenied", "AccessDeniedException"):
             # Not being allowed to read a role is no proof it is missing: say so and go on.
             print(f"warning: cannot read IAM role {m.group(2)} ({_code(e)}); not checking that it exists", file=out)
@@ -109,12 +109,12 @@ def check_role(session: boto3.Session, role_arn: str | None, out: TextIO = sys.s
 
 def check_bucket(session: boto3.Session, bucket: str | None, region: str) -> None:
     if not bucket:
-        raise AwsSetupError("no S3 bucket: set `bucket` in the config, pass --bucket, or set SAGEMAKER_BUCKET")
+        raise AwsSetupError("no S3 bucket: set aws.bucket in the config, pass --bucket, or set SAGEMAKER_BUCKET")
     try:
         resp = session.client("s3").head_bucket(Bucket=bucket)
     except ClientError as e:
         if _code(e) in ("404", "NoSuchBucket", "NotFound"):
-            raise AwsSetupError(f"S3 bucket {bucket!r} does not exist (deploy infra/template.yaml or fix `bucket`)")
+            raise AwsSetupError(f"S3 bucket {bucket!r} does not exist (deploy infra/template.yaml, or fix aws.bucket / --bucket)")
         if _code(e) in ("403", "AccessDenied"):
             raise AwsSetupError(f"no access to S3 bucket {bucket!r} with these credentials")
         raise
@@ -167,7 +167,7 @@ def upsert_pipeline(sm, name: str, definition: str, role_arn: str, tags: dict[st
     if len(definition.encode()) > INLINE_DEFINITION_LIMIT:
         if not bucket or s3 is None:
             raise AwsSetupError("the definition exceeds 100 KB and must go through S3, but no bucket was given")
-        key = f"{name}/definitions/{int(time.time())}.json"
+        key = f"{name}/definitions/{hashlib.sha256(definition.encode()).hexdigest()[:16]}.json"
         s3.put_object(Bucket=bucket, Key=key, Body=definition.encode())
         body = {"PipelineDefinitionS3Location": {"Bucket": bucket, "ObjectKey": key}}
     common = dict(PipelineName=name, RoleArn=role_arn, PipelineDescription=description, **body)
@@ -271,6 +271,7 @@ def wait_execution(sm, execution_arn: str, poll_s: float = 10.0, max_poll_s: flo
     to poll_s when something moves, so a long training step costs few API calls.
     """
     delay, shown, start, steps_ok = poll_s, None, time.monotonic(), True
+    tty, drawn = hasattr(out, "isatty") and out.isatty(), 0  # on a terminal, redraw the table in place
     while True:
         desc = sm.describe_pipeline_execution(PipelineExecutionArn=execution_arn)
         status = desc["PipelineExecutionStatus"]
@@ -285,8 +286,11 @@ def wait_execution(sm, execution_arn: str, poll_s: float = 10.0, max_poll_s: flo
         elapsed = int(time.monotonic() - start)
         view = f"execution {status}\n{step_table(steps)}" if steps else f"execution {status}"
         if view != shown:
-            print(f"[{elapsed // 60:02d}:{elapsed % 60:02d}] {view}", file=out, flush=True)
-            shown, delay = view, poll_s
+            text = f"[{elapsed // 60:02d}:{elapsed % 60:02d}] {view}"
+            if tty and drawn:
+                out.write(f"\x1b[{drawn}F\x1b[J")  # cursor up to the old table, clear below
+            print(text, file=out, flush=True)
+            shown, delay, drawn = view, poll_s, text.count("\n") + 1
         else:
             delay = min(delay * 1.5, max_poll_s)
         if status in TERMINAL:

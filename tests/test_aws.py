@@ -254,6 +254,21 @@ def test_wait_shows_step_table_backs_off_and_reports_failure(stubbed):
     assert "TrainBestModel:" not in report  # succeeded steps are not reported
 
 
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_wait_redraws_the_table_in_place_on_a_terminal(stubbed):
+    sm, stub = stubbed
+    _poll(stub, "Executing", [_step("TuneHyperparameters", "Executing", 0)])
+    _poll(stub, "Succeeded", [_step("TuneHyperparameters", "Succeeded", 0), _step("TrainBestModel", "Succeeded", 2)])
+    out = Terminal()
+    aws.wait_execution(sm, EXEC_ARN, out=out, sleep=lambda s: None)
+    first, second = out.getvalue().split("\x1b[3F\x1b[J")  # 3 lines: status, header, one step
+    assert "TuneHyperparameters  Executing" in first and "TrainBestModel" in second
+
+
 def test_wait_reports_failed_training_step(stubbed):
     sm, stub = stubbed
     _poll(stub, "Failed", [_step("TrainBestModel", "Failed", 0,
