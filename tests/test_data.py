@@ -20,6 +20,8 @@ from pipeline.local.store import LocalStore
 from pipeline.sample_data import DOG_CLASS_DIRS, generate_dataset
 from tests._aws_helpers import aws_env, moto_server  # noqa: F401
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
@@ -204,15 +206,19 @@ def test_verify_consistency_and_strict_dog_layout(tiny, tmp_path):
     assert f"train/ has empty class folders: {DOG_CLASS_DIRS[2]}" in text
 
 
-def test_verify_accepts_the_real_layout_shape(tmp_path):
-    # All 133 classes with dogImages' split sizes, as empty-ish files: strict passes.
-    root = tmp_path / "dogImages"
+def fake_dogimages(root: Path) -> Path:
+    """dogImages' exact layout (133 classes, 6,680 / 835 / 836 files), with empty files."""
     for split, total in data.DOG_SPLIT_SIZES.items():
         for i, cls in enumerate(DOG_CLASS_DIRS):
             (root / split / cls).mkdir(parents=True)
             n = total // 133 + (1 if i < total % 133 else 0)
             for k in range(n):
                 (root / split / cls / f"{k}.jpg").touch()
+    return root
+
+
+def test_verify_accepts_the_real_layout_shape(tmp_path):
+    root = fake_dogimages(tmp_path / "dogImages")
     counts = data.verify_dataset(root, strict=True)
     assert sum(counts["train"].values()) == 6680 and len(counts["test"]) == 133
 
@@ -288,3 +294,15 @@ def test_folder_source_strict_rejects_tiny(tiny, tmp_path):
         data.prepare_dataset("s3://b/d", source=tiny, store=LocalStore(tmp_path), out=io.StringIO())
     with pytest.raises(data.DataError, match="no such file or folder"):
         data.prepare_dataset("s3://b/d", source=tmp_path / "nope", store=LocalStore(tmp_path), out=io.StringIO())
+
+
+@pytest.mark.skipif(not (ROOT / "pipeline" / "config.py").exists(), reason="pipeline/config.py not merged yet")
+def test_cli_prepare_data_local_with_the_real_config(tmp_path, monkeypatch):
+    import run_pipeline
+    from pipeline.config import load_config
+    root = fake_dogimages(tmp_path / "dogImages")
+    monkeypatch.setenv("DOGBREED_LOCAL_STORE", str(tmp_path / "store"))
+    assert run_pipeline.main(["--config", str(ROOT / "pipeline.yaml"), "--prepare-data", "--local",
+                              "--data", str(root)]) == 0
+    placed = LocalStore(tmp_path / "store").path(load_config(ROOT / "pipeline.yaml").data.uri)
+    assert sum(1 for _ in placed.rglob("*.jpg")) == 6680 + 835 + 836
