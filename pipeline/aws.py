@@ -447,7 +447,12 @@ def execute(cfg, definition: str, params: list[str], wait: bool, display_name: s
     _summary(f"SageMaker execution `{exec_arn}` ([console]({urls[-1]}))")
     if not wait:
         return 0
-    desc, steps = wait_execution(sm, exec_arn, out=out, sleep=sleep)
+    try:
+        desc, steps = wait_execution(sm, exec_arn, out=out, sleep=sleep)
+    except KeyboardInterrupt:  # only the waiting stops; the execution runs on in AWS
+        print(f"\nstopped waiting; the execution goes on. To stop it too: aws sagemaker "
+              f"stop-pipeline-execution --pipeline-execution-arn {exec_arn}", file=out)
+        return 130
     _summary(f"Status: **{desc['PipelineExecutionStatus']}**\n\n```\n{step_table(steps)}\n"
              + "\n".join(failure_report(desc, steps)) + "\n```")
     return report(desc, steps, out=out)

@@ -217,9 +217,13 @@ def fake_dogimages(root: Path) -> Path:
     return root
 
 
-def test_verify_accepts_the_real_layout_shape(tmp_path):
-    root = fake_dogimages(tmp_path / "dogImages")
-    counts = data.verify_dataset(root, strict=True)
+@pytest.fixture(scope="module")
+def full_layout(tmp_path_factory) -> Path:
+    return fake_dogimages(tmp_path_factory.mktemp("full") / "dogImages")
+
+
+def test_verify_accepts_the_real_layout_shape(full_layout):
+    counts = data.verify_dataset(full_layout, strict=True)
     assert sum(counts["train"].values()) == 6680 and len(counts["test"]) == 133
 
 
@@ -297,10 +301,10 @@ def test_folder_source_strict_rejects_tiny(tiny, tmp_path):
 
 
 @pytest.mark.skipif(not (ROOT / "pipeline" / "config.py").exists(), reason="pipeline/config.py not merged yet")
-def test_cli_prepare_data_local_with_the_real_config(tmp_path, monkeypatch):
+def test_cli_prepare_data_local_with_the_real_config(full_layout, tmp_path, monkeypatch):
     import run_pipeline
     from pipeline.config import load_config
-    root = fake_dogimages(tmp_path / "dogImages")
+    root = full_layout
     monkeypatch.setenv("DOGBREED_LOCAL_STORE", str(tmp_path / "store"))
     assert run_pipeline.main(["--config", str(ROOT / "pipeline.yaml"), "--prepare-data", "--local",
                               "--data", str(root)]) == 0
