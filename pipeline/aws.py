@@ -20,11 +20,11 @@ from typing import Callable, Iterable, TextIO
 import boto3
 from botocore.exceptions import BotoCoreError, ClientError
 
+from pipeline.config import PIPELINE_TAG
 from pipeline.local.store import split_s3_uri
 
 # Our own ownership tag, set on the pipeline and (by the definition) on the models,
 # endpoint configs and endpoints its steps create: --cleanup deletes what carries it.
-PIPELINE_TAG = "dogbreed:pipeline"
 # SageMaker stamps resources made by a pipeline step with the execution ARN; we accept it too.
 EXECUTION_ARN_TAG = "sagemaker:pipeline-execution-arn"
 TERMINAL = ("Succeeded", "Failed", "Stopped")

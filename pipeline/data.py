@@ -374,10 +374,10 @@ def prepare_dataset(data_uri: str, source: str | os.PathLike | None = None, url:
 def prepare_data(cfg, source: str | None, local: bool) -> str:
     """run_pipeline.py --prepare-data: returns the data URI the pipeline reads."""
     data = cfg.data
-    kwargs = dict(url=getattr(data, "url", None) or DOGIMAGES_URL,
-                  sha256=getattr(data, "sha256", None) or DOGIMAGES_SHA256,
-                  strict=getattr(data, "strict", True),
-                  cache_dir=Path(getattr(data, "cache_dir", None) or DEFAULT_CACHE))
+    kwargs = dict(url=data.url or DOGIMAGES_URL,
+                  sha256=data.sha256 or DOGIMAGES_SHA256,
+                  strict=data.strict,
+                  cache_dir=Path(data.cache_dir or DEFAULT_CACHE))
     try:
         if local:
             from pipeline.local.store import LocalStore

@@ -388,9 +388,6 @@ def test_cli_execute_wait_with_the_real_definition(account, tmp_path):
 
 
 @needs_definition
-@pytest.mark.xfail(strict=True, reason="steps/model.py and steps/deploy.py do not tag yet: add "
-                   "{'dogbreed:pipeline': cfg.pipeline.name} to the Model, EndpointConfig and Endpoint tags, "
-                   "then remove this marker (strict: it fails once they do)")
 def test_definition_tags_what_cleanup_deletes():
     """The contract with pipeline/definition.py: Model, EndpointConfig and Endpoint steps carry
     aws.PIPELINE_TAG = the pipeline name, which --cleanup looks for."""

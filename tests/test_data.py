@@ -10,12 +10,12 @@ import threading
 import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from types import SimpleNamespace
 
 import boto3
 import pytest
 
 from pipeline import data
+from pipeline.config import load_config
 from pipeline.local.store import LocalStore
 from pipeline.sample_data import DOG_CLASS_DIRS, generate_dataset
 from tests._aws_helpers import aws_env, moto_server  # noqa: F401
@@ -238,13 +238,18 @@ def test_missing_split_and_no_root(tmp_path, tiny):
 
 # ---------------------------------------------------------------- end to end: S3 and the local store
 
+def _config(**data_fields):
+    """The real pipeline.yaml config in us-east-1 with its `data` block changed."""
+    cfg = load_config(ROOT / "pipeline.yaml", region="us-east-1")
+    return cfg.model_copy(update={"data": cfg.data.model_copy(update=data_fields)})
+
+
 def test_prepare_data_downloads_verifies_and_uploads_to_s3(aws_env, serve, tiny_zip, tmp_path, monkeypatch):
     s3 = boto3.client("s3")
     s3.create_bucket(Bucket="dogbreed-data")
     srv = serve(tiny_zip)
     monkeypatch.setattr(data, "DEFAULT_CACHE", tmp_path / "cache")
-    cfg = SimpleNamespace(aws=SimpleNamespace(region="us-east-1"),
-                          data=SimpleNamespace(uri="s3://dogbreed-data/dogs/", url=srv.url, strict=False))
+    cfg = _config(uri="s3://dogbreed-data/dogs/", url=srv.url, strict=False)
     assert data.prepare_data(cfg, source=None, local=False) == "s3://dogbreed-data/dogs/"
     keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket="dogbreed-data")["Contents"])
     assert len(keys) == 24 and keys[0].startswith(f"dogs/test/{DOG_CLASS_DIRS[0]}/")
@@ -261,8 +266,7 @@ def test_prepare_data_downloads_verifies_and_uploads_to_s3(aws_env, serve, tiny_
 
 def test_prepare_data_missing_bucket_fails_before_download(aws_env, serve, tiny_zip, capsys):
     srv = serve(tiny_zip)
-    cfg = SimpleNamespace(aws=SimpleNamespace(region="us-east-1"),
-                          data=SimpleNamespace(uri="s3://nope-bucket/dogs", url=srv.url))
+    cfg = _config(uri="s3://nope-bucket/dogs", url=srv.url)
     with pytest.raises(SystemExit) as exit_:
         data.prepare_data(cfg, source=None, local=False)
     assert exit_.value.code == 2
