@@ -28,12 +28,28 @@ def sdk_session(boto_session, bucket: str):
 
 
 @contextmanager
+def _isolated_env() -> Iterator[None]:
+    """No AWS settings of the user's shell reach the build: an AWS_ENDPOINT_URL would send
+    the SDK's calls past moto, a profile could name one; moto sets its own fake keys."""
+    saved = dict(os.environ)
+    for key in list(os.environ):
+        if key.startswith("AWS_") and key != "AWS_EC2_METADATA_DISABLED":
+            del os.environ[key]
+    os.environ["AWS_CONFIG_FILE"] = os.environ["AWS_SHARED_CREDENTIALS_FILE"] = os.devnull
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+@contextmanager
 def offline_session(region: str, bucket: str) -> Iterator:
     """Yield a PipelineSession backed by moto; S3 objects live only as long as the block."""
     import boto3
     from moto import mock_aws
 
-    with mock_aws():
+    with _isolated_env(), mock_aws():
         boto_session = boto3.Session(aws_access_key_id="testing", aws_secret_access_key="testing",
                                      aws_session_token="testing", region_name=region)
         s3 = boto_session.client("s3")

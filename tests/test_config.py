@@ -77,7 +77,12 @@ def _set(doc, path, value):
         node[last] = value
 
 
-_DELETE = object()
+class _Delete:
+    def __repr__(self):
+        return "<deleted>"
+
+
+_DELETE = _Delete()
 
 # (field path, bad value, the message this file must produce)
 BAD = [

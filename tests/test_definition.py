@@ -397,11 +397,14 @@ def test_two_processes_build_identical_bytes_offline(tmp_path):
     env.update(HOME=str(tmp_path), OMP_NUM_THREADS="1", AWS_CONFIG_FILE=str(tmp_path / "none"),
                AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"))
     procs = []
-    for seed in ("1", "4242"):
+    # The second shell points AWS elsewhere: the offline build must not follow it.
+    for seed, extra in (("1", {}), ("4242", {"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_PROFILE": "nope",
+                                             "AWS_REGION": "eu-west-1"})):
         out = tmp_path / seed
         out.mkdir()
-        cmd = [sys.executable, "-c", _NO_NETWORK, "--definition", str(out / "out.json"), "--graph", str(out / "dag.png")]
-        procs.append(subprocess.Popen(cmd, cwd=ROOT, env={**env, "PYTHONHASHSEED": seed},
+        cmd = [sys.executable, "-c", _NO_NETWORK, "--definition", str(out / "out.json"), "--graph", str(out / "dag.png"),
+               "--region", "us-east-1"]
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env={**env, **extra, "PYTHONHASHSEED": seed},
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     for p in procs:
         log, _ = p.communicate(timeout=300)
