@@ -625,7 +625,9 @@ def _ensure_data(cfg, store: LocalStore, data: str | None) -> None:
         print(f"generating the sample dataset at {uri} ({fields}) ...")
         tmp = store.path(uri).with_name(store.path(uri).name + ".generating")
         shutil.rmtree(tmp, ignore_errors=True)
-        generate_dataset(tmp, **{k: v for k, v in fields.items() if v is not None})
+        generate_dataset(tmp, num_classes=fields.get("num_classes", 4),
+                         per_class=tuple(fields.get("per_class", (24, 6, 6))),
+                         size=fields.get("image_size", 64), seed=fields.get("seed", 0))
         store.put_dir(uri, tmp)
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -677,17 +679,18 @@ def _main_thread() -> bool:
 
 def run_local(cfg, definition_file=None, params=(), run_dir=None, data=None, keep_endpoint=False) -> int:
     store = LocalStore()
-    name = getattr(cfg, "pipeline_name", None) or getattr(cfg, "name", None) or "pipeline"
+    name = getattr(getattr(cfg, "pipeline", None), "name", None) or getattr(cfg, "name", None) or "pipeline"
     run_dir = Path(run_dir) if run_dir else REPO_ROOT / "runs" / name
     try:
         _ensure_data(cfg, store, data)
+        from pipeline.definition import build_definition
+        # Building also uploads what the SDK would upload (sourcedir.tar.gz, content-addressed)
+        # into the store, so an edited --definition-file finds its code as on AWS.
+        built = build_definition(cfg, object_store=store)
         if definition_file:
-            text = Path(definition_file).read_text()
-            source = str(definition_file)
+            text, source = Path(definition_file).read_text(), str(definition_file)
         else:
-            from pipeline.definition import build_definition
-            text = build_definition(cfg, object_store=store)
-            source = "built from config"
+            text, source = built, "built from config"
         definition = load_definition(text, source)
         t0 = time.monotonic()
         record = execute(definition, store=store, run_dir=run_dir, params=list(params or []),
