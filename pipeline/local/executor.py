@@ -431,6 +431,11 @@ class Execution:
         previous = read_json(sdir / "job_name.json")  # resume: the same job name keeps its checkpoints
         job = previous or self._job_name(name)
         write_json(sdir / "job_name.json", job)
+        if args.get("DebugRuleConfigurations"):
+            # smdebug takes seconds to import: do it while the job trains, as AWS runs rules alongside
+            import importlib
+            import threading
+            threading.Thread(target=importlib.import_module, args=("pipeline.local.rules",), daemon=True).start()
         describe = run_training_job(job, args, self.store, sdir / "job", on_line=self._epoch_printer(name),
                                     python=self.python)
         tensors = Path(describe["LocalJobDir"]) / "opt_ml" / "output" / "tensors"

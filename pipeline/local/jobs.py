@@ -445,7 +445,9 @@ def run_training_job(
         profile = profiler_summary(output_dir / "profiler" / "system_metrics.jsonl")
         write_json(output_dir / "profiler" / "system_summary.json", profile)
         for extra in (output_dir / "data").glob("*profil*"):  # the job's own torch.profiler summary
-            if extra.is_file():
+            if extra.is_dir():
+                shutil.copytree(extra, output_dir / "profiler" / "framework", dirs_exist_ok=True)
+            elif extra.is_file():
                 shutil.copy2(extra, output_dir / "profiler" / extra.name)
         if isinstance(profiler.get("S3OutputPath"), str):
             store.put_dir(f"{profiler['S3OutputPath'].rstrip('/')}/{name}/profiler-output", output_dir / "profiler")
