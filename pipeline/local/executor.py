@@ -677,6 +677,26 @@ def execute(definition: str | dict, *, store: LocalStore, run_dir: str | Path, p
     return record
 
 
+def _missing_code(definition: dict, store: LocalStore) -> list[str]:
+    """The source archives (sagemaker_submit_directory) the definition names but the store lacks."""
+    found = []
+
+    def visit(v):
+        if isinstance(v, dict):
+            for k, x in v.items():
+                if k == "sagemaker_submit_directory" and isinstance(x, str):
+                    uri = x.strip('"')
+                    if uri.startswith("s3://") and not store.exists(uri):
+                        found.append(uri)
+                else:
+                    visit(x)
+        elif isinstance(v, list):
+            for x in v:
+                visit(x)
+    visit(definition.get("Steps", []))
+    return found
+
+
 def _main_thread() -> bool:
     import threading
     return threading.current_thread() is threading.main_thread()
@@ -688,14 +708,16 @@ def run_local(cfg, definition_file=None, params=(), run_dir=None, data=None, kee
     run_dir = Path(run_dir) if run_dir else REPO_ROOT / "runs" / name
     try:
         _ensure_data(cfg, store, data)
-        from pipeline.definition import build_definition
-        # Building also uploads what the SDK would upload (sourcedir.tar.gz, content-addressed)
-        # into the store, so an edited --definition-file finds its code as on AWS.
-        built = build_definition(cfg, object_store=store)
         if definition_file:
             text, source = Path(definition_file).read_text(), str(definition_file)
+            if _missing_code(load_definition(text, source), store):
+                # Building uploads what the SDK uploads (sourcedir.tar.gz, content-addressed) into
+                # the store, so a definition written by `--definition` finds its code as on AWS.
+                from pipeline.definition import build_definition
+                build_definition(cfg, object_store=store)
         else:
-            text, source = built, "built from config"
+            from pipeline.definition import build_definition
+            text, source = build_definition(cfg, object_store=store), "built from config"
         definition = load_definition(text, source)
         t0 = time.monotonic()
         record = execute(definition, store=store, run_dir=run_dir, params=list(params or []),
