@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pipeline.local import expressions as ex
-from pipeline.local.jobs import JobError, arn, now_iso, read_json, run_training_job, write_json
+from pipeline.local.jobs import JobError, arn, bar, now_iso, read_json, run_training_job, write_json
 from pipeline.local.store import LocalStore, REPO_ROOT
 from pipeline.local.tuner import TuningError, run_tuning_job
 
@@ -194,6 +194,9 @@ class Execution:
             self.record = previous
             self.resumed = True
         else:
+            if previous and previous.get("PipelineExecutionStatus") in RESUMABLE:
+                progress(f"execution {previous['PipelineExecutionId']} was interrupted, but the definition or "
+                         "parameters differ now: starting a new execution (cached steps still apply)")
             exec_id = secrets.token_hex(6)
             self.record = {
                 "PipelineName": pipeline_name,
@@ -298,9 +301,11 @@ class Execution:
             rec["AttemptCount"] = attempt
             try:
                 self.ctx.execution["CurrentDateTime"] = now_iso()
-                args = ex.resolve(step.get("Arguments", {}), self.ctx) if kind != "Condition" else {}
-                if kind != "Condition":
-                    rec["Arguments"] = args
+                if kind == "Condition":  # record what was compared, not the branches
+                    args = {}
+                    rec["Arguments"] = {"Conditions": ex.resolve(step["Arguments"].get("Conditions", []), self.ctx)}
+                else:
+                    args = rec["Arguments"] = ex.resolve(step.get("Arguments", {}), self.ctx)
                 cached = self._cache_lookup(name, step, args)
                 if cached:
                     rec["Properties"], rec["CacheHitResult"] = cached
@@ -421,7 +426,8 @@ class Execution:
         def on_line(line: str) -> None:
             m = pattern.match(line)
             if m:
-                self.say(f"  {label} epoch {m.group(1)}/{m.group(2)}: {m.group(3)[:110]}")
+                done, total = int(m.group(1)), int(m.group(2))
+                self.say(f"  {label} epoch {done}/{total} {bar(done, total)} {m.group(3)[:100]}")
             elif re.match(r"^(test accuracy|average test loss|validation accuracy)", line):
                 self.say(f"  {label} {line.strip()}")
         return on_line
@@ -616,11 +622,11 @@ def _ensure_data(cfg, store: LocalStore, data: str | None) -> None:
     if data:
         if not uri:
             raise DefinitionError("--data given but the config has no data URI")
-        source = Path(data)
-        if not source.is_dir():
-            raise DefinitionError(f"--data {data}: not a folder (give the extracted dogImages folder)")
-        print(f"copying {source} to {uri} in the local store ...")
-        store.put_dir(uri, source)
+        from pipeline.data import DataError, prepare_dataset
+        try:  # a folder or a zip, checked for the train/valid/test layout; any number of classes
+            prepare_dataset(uri, data, store=store, strict=False)
+        except DataError as e:
+            raise DefinitionError(str(e)) from None
         return
     sample = getattr(data_cfg, "sample", None)
     if uri and sample and not store.exists(uri):

@@ -68,6 +68,12 @@ def read_json(path: Path, default: Any = None) -> Any:
         return default
 
 
+def bar(done: int, total: int, width: int = 12) -> str:
+    """`[######......]` for progress lines that also read well in a log file."""
+    filled = int(round(width * done / total)) if total else 0
+    return "[" + "#" * filled + "." * (width - filled) + "]"
+
+
 def arn(kind: str, name: str) -> str:
     return f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:{kind}/{name.lower()}"
 

@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import optuna
 
-from pipeline.local.jobs import TUNING_METRIC, arn, now_iso, read_json, run_training_job, write_json
+from pipeline.local.jobs import TUNING_METRIC, arn, bar, now_iso, read_json, run_training_job, write_json
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -190,7 +190,9 @@ def run_tuning_job(
                         trial.report(value, len(intermediate))
             e = epoch_re.match(line)
             if e:
-                progress(f"    trial {index} epoch {e.group(1)}/{e.group(2)}: {line[e.end():].strip()[:100]}")
+                done, total = int(e.group(1)), int(e.group(2))
+                progress(f"    trial {index}/{max_jobs} epoch {done}/{total} {bar(done, total)} "
+                         f"{line[e.end():].strip()[:90]}")
 
         def should_stop() -> bool:
             if abort.is_set():
