@@ -156,7 +156,7 @@ def test_resume_after_kill_redoes_no_finished_trial(store, tmp_path, sig, parall
     assert again["PipelineExecutionId"] == rec["PipelineExecutionId"]
     assert any("resuming: " in line for line in lines)
     after = read_json(trials_json)
-    assert len(after) == 3 and after[:len(before)] == before
+    assert len(after) == 3 and all(t in after for t in before)  # finished trials kept as they were
     assert first_log.stat().st_mtime_ns == stamp  # the finished trial did not run again
     assert not list(store.root.rglob(".model.tar.gz.*"))  # no half-written artifact left behind
 
