@@ -1,0 +1,425 @@
+"""Run the pipeline on SageMaker: pre-flight checks, upsert, start, wait, clean up.
+
+Plain boto3, so that every call is one you can find in the SageMaker API reference,
+and so that tests can point it at a moto server (boto3 honours AWS_ENDPOINT_URL).
+`execute(cfg, ...)` and `cleanup(cfg, ...)` are the thin config-taking entry points
+of run_pipeline.py; everything under them takes plain arguments.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import re
+import sys
+import time
+import urllib.parse
+from typing import Callable, Iterable, TextIO
+
+import boto3
+from botocore.exceptions import BotoCoreError, ClientError
+
+# Our own ownership tag, set on the pipeline and (by the definition) on the models,
+# endpoint configs and endpoints its steps create: --cleanup deletes what carries it.
+PIPELINE_TAG = "dogbreed:pipeline"
+# SageMaker stamps resources made by a pipeline step with the execution ARN; we accept it too.
+EXECUTION_ARN_TAG = "sagemaker:pipeline-execution-arn"
+TERMINAL = ("Succeeded", "Failed", "Stopped")
+INLINE_DEFINITION_LIMIT = 100_000  # bytes: CreatePipeline's PipelineDefinition maximum; larger goes via S3
+DISPLAY_NAME_RE = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,81}$")
+ROLE_ARN_RE = re.compile(r"^arn:aws[a-z-]*:iam::(\d{12}):role/(?:[\w+=,.@/-]+/)?([\w+=,.@-]{1,64})$")
+
+
+class AwsSetupError(RuntimeError):
+    """Something the user must fix before the pipeline can run; the message says what."""
+
+
+def _code(err: ClientError) -> str:
+    return err.response.get("Error", {}).get("Code", "")
+
+
+# ---------------------------------------------------------------- pre-flight checks
+
+def check_region(region: str | None) -> str:
+    if not region:
+        raise AwsSetupError("no AWS region: set `region` in the config, pass --region, or set AWS_REGION")
+    session = boto3.Session()
+    known = {r for p in session.get_available_partitions()
+             for r in session.get_available_regions("sagemaker", partition_name=p)}
+    if region not in known:
+        near = sorted(r for r in known if r.split("-")[0] == region.split("-")[0]) or sorted(known)
+        raise AwsSetupError(f"region {region!r} is not a SageMaker region; valid ones include: {', '.join(near)}")
+    return region
+
+
+def check_credentials(session: boto3.Session) -> str:
+    """Return the caller's account id, or explain why there are no usable credentials."""
+    if session.get_credentials() is None:
+        raise AwsSetupError(
+            "no AWS credentials found: set AWS_PROFILE (or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY), "
+            "run `aws sso login`, or in GitHub Actions use the OIDC role (README: Running on AWS)")
+    try:
+        return session.client("sts").get_caller_identity()["Account"]
+    except ClientError as e:
+        raise AwsSetupError(f"AWS rejected the credentials ({_code(e)}): {e.response['Error'].get('Message', '')}")
+    except BotoCoreError as e:
+        raise AwsSetupError(f"could not check the AWS credentials: {e}")
+
+
+def _trusts_sagemaker(policy) -> bool:
+    if isinstance(policy, str):  # some endpoints return the URL-encoded JSON text
+        policy = json.loads(urllib.parse.unquote(policy))
+    for stmt in policy.get("Statement", []):
+        if stmt.get("Effect") != "Allow":
+            continue
+        actions = stmt.get("Action", [])
+        actions = [actions] if isinstance(actions, str) else actions
+        services = stmt.get("Principal", {}).get("Service", []) if isinstance(stmt.get("Principal"), dict) else []
+        services = [services] if isinstance(services, str) else services
+        if "sagemaker.amazonaws.com" in services and any(a in ("sts:AssumeRole", "sts:*", "*") for a in actions):
+            return True
+    return False
+
+
+def check_role(session: boto3.Session, role_arn: str | None, out: TextIO = sys.stdout) -> None:
+    if not role_arn:
+        raise AwsSetupError("no SageMaker execution role: set `role_arn` in the config, pass --role, "
+                            "or set SAGEMAKER_ROLE_ARN (the infra/ stack outputs it)")
+    m = ROLE_ARN_RE.match(role_arn)
+    if not m:
+        raise AwsSetupError(f"role {role_arn!r} is not an IAM role ARN (arn:aws:iam::<12-digit account>:role/<name>)")
+    try:
+        role = session.client("iam").get_role(RoleName=m.group(2))["Role"]
+    except ClientError as e:
+        if _code(e) == "NoSuchEntity":
+            raise AwsSetupError(f"IAM role {m.group(2)!r} does not exist in account {m.group(1)} "
+                                f"(deploy infra/template.yaml or fix role_arn)")
+        if _code(e) in ("AccessDenied", "AccessDeniedException"):
+            # Not being allowed to read a role is no proof it is missing: say so and go on.
+            print(f"warning: cannot read IAM role {m.group(2)} ({_code(e)}); not checking that it exists", file=out)
+            return
+        raise
+    if not _trusts_sagemaker(role.get("AssumeRolePolicyDocument", {})):
+        raise AwsSetupError(f"IAM role {m.group(2)!r} does not trust sagemaker.amazonaws.com "
+                            f"(its trust policy needs Principal.Service sagemaker.amazonaws.com, sts:AssumeRole)")
+
+
+def check_bucket(session: boto3.Session, bucket: str | None, region: str) -> None:
+    if not bucket:
+        raise AwsSetupError("no S3 bucket: set `bucket` in the config, pass --bucket, or set SAGEMAKER_BUCKET")
+    try:
+        resp = session.client("s3").head_bucket(Bucket=bucket)
+    except ClientError as e:
+        if _code(e) in ("404", "NoSuchBucket", "NotFound"):
+            raise AwsSetupError(f"S3 bucket {bucket!r} does not exist (deploy infra/template.yaml or fix `bucket`)")
+        if _code(e) in ("403", "AccessDenied"):
+            raise AwsSetupError(f"no access to S3 bucket {bucket!r} with these credentials")
+        raise
+    where = resp.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("x-amz-bucket-region")
+    if where and where != region:
+        raise AwsSetupError(f"S3 bucket {bucket!r} is in {where}, but the pipeline runs in {region}: "
+                            f"use a bucket in {region} or set region to {where}")
+
+
+def preflight(region: str | None, role_arn: str | None, bucket: str | None,
+              out: TextIO = sys.stdout) -> boto3.Session:
+    """Check region, credentials, role and bucket, in that order; create nothing."""
+    region = check_region(region)
+    session = boto3.Session(region_name=region)
+    check_credentials(session)
+    check_role(session, role_arn, out=out)
+    check_bucket(session, bucket, region)
+    return session
+
+
+# ---------------------------------------------------------------- upsert and start
+
+def parse_params(params: Iterable[str], definition: str) -> list[dict]:
+    """`NAME=VALUE` strings -> PipelineParameters, checked against the definition's Parameters."""
+    declared = {p["Name"]: p for p in json.loads(definition).get("Parameters", [])}
+    casts = {"Integer": int, "Float": float, "String": str,
+             "Boolean": lambda v: {"true": "true", "false": "false"}[v.lower()]}
+    out = []
+    for item in params:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise AwsSetupError(f"--param expects NAME=VALUE, got {item!r}")
+        if name not in declared:
+            raise AwsSetupError(f"unknown pipeline parameter {name!r}; the definition declares: "
+                                f"{', '.join(sorted(declared)) or '(none)'}")
+        kind = declared[name].get("Type", "String")
+        try:
+            casts.get(kind, str)(value)
+        except (ValueError, KeyError):
+            raise AwsSetupError(f"--param {name}={value!r}: {name} is of type {kind}")
+        out.append({"Name": name, "Value": value})
+    return out
+
+
+def upsert_pipeline(sm, name: str, definition: str, role_arn: str, tags: dict[str, str],
+                    description: str = "", bucket: str | None = None, s3=None) -> tuple[str, bool]:
+    """Create the pipeline, or update it if it exists. Returns (pipeline ARN, created)."""
+    tag_list = [{"Key": k, "Value": str(v)} for k, v in {**tags, PIPELINE_TAG: name}.items()]
+    body: dict = {"PipelineDefinition": definition}
+    if len(definition.encode()) > INLINE_DEFINITION_LIMIT:
+        if not bucket or s3 is None:
+            raise AwsSetupError("the definition exceeds 100 KB and must go through S3, but no bucket was given")
+        key = f"{name}/definitions/{int(time.time())}.json"
+        s3.put_object(Bucket=bucket, Key=key, Body=definition.encode())
+        body = {"PipelineDefinitionS3Location": {"Bucket": bucket, "ObjectKey": key}}
+    common = dict(PipelineName=name, RoleArn=role_arn, PipelineDescription=description, **body)
+    try:
+        arn = sm.create_pipeline(PipelineDisplayName=name, Tags=tag_list, **common)["PipelineArn"]
+        return arn, True
+    except ClientError as e:
+        # The service's way of saying "exists" (the SageMaker SDK's upsert relies on the same text).
+        if _code(e) != "ValidationException" or "must be unique" not in str(e):
+            raise
+    arn = sm.update_pipeline(**common)["PipelineArn"]
+    sm.add_tags(ResourceArn=arn, Tags=tag_list)  # UpdatePipeline takes no tags; AddTags overwrites by key
+    return arn, False
+
+
+def ci_display_name(env=os.environ) -> str:
+    """The execution's display name: the commit in CI, a timestamp otherwise."""
+    if env.get("GITHUB_SHA"):
+        return f"commit-{env['GITHUB_SHA'][:12]}"
+    return "cli-" + dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+
+
+def ci_description(env=os.environ) -> str:
+    if env.get("GITHUB_SHA"):
+        run = f"{env.get('GITHUB_SERVER_URL', 'https://github.com')}/{env.get('GITHUB_REPOSITORY', '')}" \
+              f"/actions/runs/{env.get('GITHUB_RUN_ID', '')}"
+        return f"commit {env['GITHUB_SHA']} on {env.get('GITHUB_REF_NAME', '?')} by {env.get('GITHUB_ACTOR', '?')}: {run}"
+    return "started with run_pipeline.py --execute"
+
+
+def check_display_name(display_name: str) -> str:
+    if not DISPLAY_NAME_RE.match(display_name):
+        raise AwsSetupError(f"display name {display_name!r} is invalid: 1-82 letters, digits and hyphens, "
+                            f"starting with a letter or digit")
+    return display_name
+
+
+def start_execution(sm, name: str, parameters: list[dict], display_name: str, description: str) -> str:
+    return sm.start_pipeline_execution(
+        PipelineName=name, PipelineParameters=parameters,
+        PipelineExecutionDisplayName=display_name,
+        PipelineExecutionDescription=description[:3072])["PipelineExecutionArn"]
+
+
+def console_urls(region: str, pipeline_name: str, execution_arn: str, studio_domain_id: str | None = None) -> list[str]:
+    exec_id = execution_arn.rsplit("/", 1)[-1]
+    urls = [f"https://{region}.console.aws.amazon.com/sagemaker/home?region={region}"
+            f"#/pipelines/{pipeline_name}/executions/{exec_id}"]
+    if studio_domain_id:
+        urls.insert(0, f"https://studio-{studio_domain_id}.studio.{region}.sagemaker.aws"
+                       f"/pipelines/view/{pipeline_name}/executions/{exec_id}/graph")
+    return urls
+
+
+# ---------------------------------------------------------------- wait and report
+
+def list_steps(sm, execution_arn: str) -> list[dict]:
+    """The execution's steps, oldest first."""
+    steps = []
+    for page in sm.get_paginator("list_pipeline_execution_steps").paginate(
+            PipelineExecutionArn=execution_arn, SortOrder="Ascending"):
+        steps.extend(page["PipelineExecutionSteps"])
+    return steps
+
+
+def _clock(t) -> str:
+    return t.astimezone(dt.timezone.utc).strftime("%H:%M:%S") if t else ""
+
+
+def step_table(steps: list[dict]) -> str:
+    rows = [("STEP", "STATUS", "START", "END", "DETAIL")]
+    for s in steps:
+        detail = s.get("FailureReason", "") or ("cache hit" if s.get("CacheHitResult") else "")
+        rows.append((s["StepName"], s.get("StepStatus", "?"), _clock(s.get("StartTime")),
+                     _clock(s.get("EndTime")), detail[:80]))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4] for r in rows).rstrip()
+
+
+def failure_report(description: dict, steps: list[dict]) -> list[str]:
+    """One line per failed step: its FailureReason, and a FailStep's ErrorMessage."""
+    lines = []
+    if description.get("FailureReason"):
+        lines.append(f"execution: {description['FailureReason']}")
+    for s in steps:
+        if s.get("StepStatus") != "Failed":
+            continue
+        lines.append(f"step {s['StepName']}: {s.get('FailureReason') or 'failed (no reason given)'}")
+        message = s.get("Metadata", {}).get("Fail", {}).get("ErrorMessage")
+        if message:
+            lines.append(f"step {s['StepName']} (FailStep) says: {message}")
+    return lines
+
+
+def wait_execution(sm, execution_arn: str, poll_s: float = 10.0, max_poll_s: float = 120.0,
+                   timeout_s: float | None = None, out: TextIO = sys.stdout,
+                   sleep: Callable[[float], None] = time.sleep) -> tuple[dict, list[dict]]:
+    """Poll until the execution ends; print the step table whenever it changes.
+
+    Back-off: the delay grows by half each unchanged poll up to max_poll_s and drops back
+    to poll_s when something moves, so a long training step costs few API calls.
+    """
+    delay, shown, start, steps_ok = poll_s, None, time.monotonic(), True
+    while True:
+        desc = sm.describe_pipeline_execution(PipelineExecutionArn=execution_arn)
+        status = desc["PipelineExecutionStatus"]
+        steps = []
+        if steps_ok:
+            try:
+                steps = list_steps(sm, execution_arn)
+            except (ClientError, BotoCoreError) as e:  # e.g. a service without this call
+                steps_ok = False
+                print(f"(step statuses unavailable: {e})", file=out)
+        elapsed = int(time.monotonic() - start)
+        view = f"execution {status}\n{step_table(steps)}" if steps else f"execution {status}"
+        if view != shown:
+            print(f"[{elapsed // 60:02d}:{elapsed % 60:02d}] {view}", file=out, flush=True)
+            shown, delay = view, poll_s
+        else:
+            delay = min(delay * 1.5, max_poll_s)
+        if status in TERMINAL:
+            return desc, steps
+        if timeout_s is not None and time.monotonic() - start > timeout_s:
+            raise TimeoutError(f"execution still {status} after {timeout_s:.0f}s: {execution_arn}")
+        sleep(delay)
+
+
+def report(desc: dict, steps: list[dict], out: TextIO = sys.stdout) -> int:
+    status = desc["PipelineExecutionStatus"]
+    if status == "Succeeded":
+        print("execution Succeeded", file=out)
+        return 0
+    print(f"execution {status}:", file=out)
+    for line in failure_report(desc, steps) or ["(no failure reason reported)"]:
+        print(f"  {line}", file=out)
+    return 1
+
+
+# ---------------------------------------------------------------- cleanup
+
+def owned_by(tags: list[dict], pipeline_name: str, tag_key: str = PIPELINE_TAG) -> bool:
+    values = {t["Key"]: t["Value"] for t in tags}
+    if values.get(tag_key) == pipeline_name:
+        return True
+    # Pipeline names appear lower-cased in ARNs.
+    return f":pipeline/{pipeline_name.lower()}/execution/" in values.get(EXECUTION_ARN_TAG, "").lower()
+
+
+_KINDS = (  # deletion order: endpoints before the configs and models they use
+    ("endpoint", "list_endpoints", "Endpoints", "EndpointName", "EndpointArn", "delete_endpoint"),
+    ("endpoint-config", "list_endpoint_configs", "EndpointConfigs", "EndpointConfigName", "EndpointConfigArn",
+     "delete_endpoint_config"),
+    ("model", "list_models", "Models", "ModelName", "ModelArn", "delete_model"),
+)
+
+
+def find_owned(sm, pipeline_name: str, tag_key: str = PIPELINE_TAG) -> list[tuple[str, str]]:
+    """(kind, name) of every endpoint, endpoint config and model carrying our tag."""
+    found = []
+    for kind, lister, key, name_key, arn_key, _ in _KINDS:
+        for page in sm.get_paginator(lister).paginate():
+            for item in page[key]:
+                tags = [t for p in sm.get_paginator("list_tags").paginate(ResourceArn=item[arn_key]) for t in p["Tags"]]
+                if owned_by(tags, pipeline_name, tag_key):
+                    found.append((kind, item[name_key]))
+    return found
+
+
+def delete_owned(sm, found: list[tuple[str, str]], out: TextIO = sys.stdout) -> None:
+    calls = {kind: (getattr(sm, deleter), name_key) for kind, _, _, name_key, _, deleter in _KINDS}
+    for kind, name in found:
+        deleter, name_key = calls[kind]
+        deleter(**{name_key: name})
+        print(f"deleted {kind} {name}", file=out)
+
+
+def cleanup_pipeline(sm, pipeline_name: str, assume_yes: bool, out: TextIO = sys.stdout,
+                     ask: Callable[[str], str] = input) -> int:
+    found = find_owned(sm, pipeline_name)
+    if not found:
+        print(f"nothing to delete: no endpoint, endpoint config or model tagged {PIPELINE_TAG}={pipeline_name}",
+              file=out)
+        return 0
+    print(f"resources of pipeline {pipeline_name}:", file=out)
+    for kind, name in found:
+        print(f"  {kind:16s} {name}", file=out)
+    if not assume_yes:
+        try:
+            answer = ask(f"delete these {len(found)}? [y/N] ")
+        except EOFError:  # no terminal (CI): never delete without --yes
+            answer = ""
+        if answer.strip().lower() not in ("y", "yes"):
+            print("nothing deleted (pass --yes to skip this question)", file=out)
+            return 1
+    delete_owned(sm, found, out=out)
+    return 0
+
+
+# ---------------------------------------------------------------- config-taking entry points
+
+def _studio_domain(cfg) -> str | None:
+    return getattr(cfg, "studio_domain_id", None) or os.environ.get("SAGEMAKER_STUDIO_DOMAIN_ID")
+
+
+def execute(cfg, definition: str, params: list[str], wait: bool, display_name: str | None,
+            out: TextIO = sys.stdout, sleep: Callable[[float], None] = time.sleep) -> int:
+    name = cfg.pipeline_name
+    try:
+        parameters = parse_params(params, definition)
+        display = display_name or ci_display_name()
+        check_display_name(display)
+        session = preflight(cfg.region, cfg.role_arn, cfg.bucket, out=out)
+        sm = session.client("sagemaker")
+        arn, created = upsert_pipeline(sm, name, definition, cfg.role_arn, dict(cfg.tags or {}),
+                                       description=ci_description(), bucket=cfg.bucket, s3=session.client("s3"))
+        print(f"{'created' if created else 'updated'} pipeline {arn}", file=out)
+        exec_arn = start_execution(sm, name, parameters, display, ci_description())
+    except AwsSetupError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ClientError as e:
+        op = e.operation_name
+        print(f"error: AWS refused {op}: {_code(e)}: {e.response['Error'].get('Message', '')}", file=sys.stderr)
+        return 2
+    print(f"execution {exec_arn}", file=out)
+    urls = console_urls(cfg.region, name, exec_arn, _studio_domain(cfg))
+    for url in urls:
+        print(f"  {url}", file=out)
+    _summary(f"SageMaker execution `{exec_arn}` ([console]({urls[-1]}))")
+    if not wait:
+        return 0
+    desc, steps = wait_execution(sm, exec_arn, out=out, sleep=sleep)
+    _summary(f"Status: **{desc['PipelineExecutionStatus']}**\n\n```\n{step_table(steps)}\n"
+             + "\n".join(failure_report(desc, steps)) + "\n```")
+    return report(desc, steps, out=out)
+
+
+def _summary(markdown: str) -> None:
+    """Append to the GitHub Actions job summary when running there."""
+    path = os.environ.get("GITHUB_STEP_SUMMARY")
+    if path:
+        with open(path, "a") as f:
+            f.write(markdown + "\n\n")
+
+
+def cleanup(cfg, assume_yes: bool, out: TextIO = sys.stdout, ask: Callable[[str], str] = input) -> int:
+    try:
+        region = check_region(cfg.region)
+        session = boto3.Session(region_name=region)
+        check_credentials(session)
+        return cleanup_pipeline(session.client("sagemaker"), cfg.pipeline_name, assume_yes, out=out, ask=ask)
+    except AwsSetupError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ClientError as e:
+        print(f"error: AWS refused {e.operation_name}: {_code(e)}: {e.response['Error'].get('Message', '')}",
+              file=sys.stderr)
+        return 2

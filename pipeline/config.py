@@ -1,0 +1,415 @@
+"""pipeline.yaml -> a typed, validated Config.
+
+Every knob of the pipeline lives in the YAML file; this module only checks it.
+A bad file raises one ConfigError whose message names the file, the field path
+(`tuning.ranges.lr.min`) and what would be valid. Role, bucket and region can be
+overridden per call (CLI) or by environment (SAGEMAKER_ROLE_ARN, SAGEMAKER_BUCKET,
+AWS_REGION), in that order of precedence over the file.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+class ConfigError(ValueError):
+    """A pipeline config that cannot be used; the message says where and why."""
+
+
+class _Strict(BaseModel):
+    # Unknown keys are typos, not extensions.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --- data ---------------------------------------------------------------------
+
+class Sample(_Strict):
+    """Generate pipeline.sample_data's dataset at `data.uri` for local runs (no download)."""
+    num_classes: int = Field(4, ge=2, le=133)
+    per_class: Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=3, max_length=3)] = [24, 6, 6]  # train, valid, test
+    image_size: int = Field(64, ge=16, le=1024)
+    seed: int = 0
+
+
+class Data(_Strict):
+    uri: str                        # s3://bucket/prefix/ holding train/ valid/ test/
+    sample: Sample | None = None
+
+    @property
+    def s3_uri(self) -> str:
+        return self.uri
+
+
+# --- compute ------------------------------------------------------------------
+
+class Instance(_Strict):
+    type: str
+    count: int = Field(1, ge=1, le=100)
+    volume_gb: int = Field(30, ge=1, le=16384)
+    max_run_s: int = Field(86400, ge=60, le=2419200)
+
+
+class Spot(_Strict):
+    enabled: bool = False
+    max_wait_s: int = Field(172800, ge=60, le=2419200)   # must be >= max_run_s
+
+
+# --- tuning -------------------------------------------------------------------
+
+Scaling = Literal["Auto", "Linear", "Logarithmic", "ReverseLogarithmic"]
+
+
+class ContinuousRange(_Strict):
+    type: Literal["continuous"]
+    min: float
+    max: float
+    scaling: Scaling = "Auto"
+
+
+class IntegerRange(_Strict):
+    type: Literal["integer"]
+    min: int
+    max: int
+    scaling: Scaling = "Auto"
+
+
+class CategoricalRange(_Strict):
+    type: Literal["categorical"]
+    values: list[Union[int, float, str]]
+
+
+Range = Annotated[Union[ContinuousRange, IntegerRange, CategoricalRange], Field(discriminator="type")]
+RANGE_TYPES = ("continuous", "integer", "categorical")
+
+
+class Objective(_Strict):
+    metric: str = "average validation loss"
+    type: Literal["Minimize", "Maximize"] = "Minimize"
+
+
+class Tuning(_Strict):
+    strategy: Literal["Bayesian", "Random", "Hyperband", "Grid"] = "Bayesian"
+    max_jobs: int = Field(8, ge=1, le=500)
+    max_parallel_jobs: int = Field(2, ge=1, le=100)
+    early_stopping: Literal["Off", "Auto"] = "Auto"
+    random_seed: int = Field(0, ge=0)
+    objective: Objective = Objective()
+    ranges: dict[str, Range]
+    instance: Instance
+    spot: Spot = Spot()
+
+
+# --- training -----------------------------------------------------------------
+
+class Training(_Strict):
+    instance: Instance
+    spot: Spot = Spot()
+    # Under spot, checkpoints go to <checkpoint_prefix>/<execution id>/ so a retry
+    # resumes its own run and a new execution never resumes a stale one.
+    checkpoint_prefix: str | None = None      # default s3://<bucket>/<prefix>/checkpoints
+    # Passed to both scripts as --<key> <value>; the tuned ones come from the tuning step.
+    hyperparameters: dict[str, Union[str, int, float, bool]] = {}
+
+
+class Rule(_Strict):
+    name: str                                  # a sagemaker.debugger.rule_configs function name
+    parameters: dict[str, str] = {}
+
+
+class Debugger(_Strict):
+    enabled: bool = True                       # false for accounts without Debugger (closed 2026-07-30)
+    rules: list[Rule] = []
+
+
+class Profiler(_Strict):
+    enabled: bool = True
+    interval_ms: Literal[100, 200, 500, 1000, 5000, 60000] = 500
+
+
+class Framework(_Strict):
+    # The newest PyTorch that SDK 2.257.7 has images for, for both training and inference.
+    version: str = "2.6.0"
+    py_version: str = "py312"
+
+
+# --- model, gate, endpoint ----------------------------------------------------
+
+class Registry(_Strict):
+    model_package_group: str
+    approval_status: Literal["PendingManualApproval", "Approved", "Rejected"] = "PendingManualApproval"
+    content_types: list[str] = ["application/x-image", "image/jpeg", "image/png"]
+    response_types: list[str] = ["application/json"]
+
+
+class Gate(_Strict):
+    metric: str = "test accuracy"
+    threshold: float
+
+
+class Endpoint(_Strict):
+    name: str
+    instance_type: str
+    instance_count: int = Field(1, ge=1, le=100)
+
+
+class Cache(_Strict):
+    enabled: bool = True
+    expire_after: str = "P30D"                 # ISO 8601 duration
+
+
+class Retry(_Strict):
+    max_attempts: int = Field(3, ge=1, le=20)
+    interval_s: int = Field(30, ge=1, le=3600)
+    backoff_rate: float = Field(2.0, ge=1.0, le=10.0)
+
+
+class Pipeline(_Strict):
+    name: str
+    description: str = ""
+
+
+class Aws(_Strict):
+    region: str
+    role: str
+    bucket: str
+    prefix: str = "dogbreed"
+
+
+class Config(_Strict):
+    pipeline: Pipeline
+    aws: Aws
+    data: Data
+    framework: Framework = Framework()
+    tuning: Tuning
+    training: Training
+    debugger: Debugger = Debugger()
+    profiler: Profiler = Profiler()
+    registry: Registry
+    gate: Gate
+    endpoint: Endpoint
+    cache: Cache = Cache()
+    retry: Retry = Retry()
+    tags: dict[str, str] = {}
+    source: str = ""                           # the file this came from (set by load_config)
+
+    # Flat names for the AWS and data modules.
+    @property
+    def pipeline_name(self) -> str:
+        return self.pipeline.name
+
+    @property
+    def region(self) -> str:
+        return self.aws.region
+
+    @property
+    def role_arn(self) -> str:
+        return self.aws.role
+
+    @property
+    def bucket(self) -> str:
+        return self.aws.bucket
+
+    @property
+    def s3_root(self) -> str:
+        return f"s3://{self.aws.bucket}/{self.aws.prefix}".rstrip("/")
+
+    @property
+    def checkpoint_prefix(self) -> str:
+        return self.training.checkpoint_prefix or f"{self.s3_root}/checkpoints"
+
+
+# --- loading ------------------------------------------------------------------
+
+_PIPELINE_NAME = re.compile(r"^[A-Za-z0-9](-*[A-Za-z0-9]){0,255}$")
+_ENTITY_NAME = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")
+_ROLE_ARN = re.compile(r"^arn:aws[a-z\-]*:iam::\d{12}:role/?[a-zA-Z_0-9+=,.@\-_/]+$")
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
+_REGION = re.compile(r"^[a-z]{2}(-gov|-iso[a-z]?)?-[a-z]+-\d$")
+_INSTANCE = re.compile(r"^ml\.[a-z0-9]+\.[a-z0-9]+$")
+_DURATION = re.compile(r"^P(?=\d|T\d)(\d+Y)?(\d+M)?(\d+W)?(\d+D)?(T(?=\d)(\d+H)?(\d+M)?(\d+S)?)?$")
+# Flags both training scripts accept besides the tuned ones (scripts/hpo.py, scripts/train_model.py).
+TUNABLE = ("lr", "batch-size", "test-batch-size", "epochs")
+
+
+def scripts_module(name: str):
+    """scripts/<name>.py, imported by path: scripts/ is container code, not a host package."""
+    import importlib.util
+    import sys
+    key = f"_dogbreed_scripts_{name}"
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, REPO_ROOT / "scripts" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[key] = module
+        spec.loader.exec_module(module)
+    return sys.modules[key]
+
+
+def metric_names() -> list[str]:
+    """Names the training scripts report (scripts/metrics.py is their one source)."""
+    return [d["Name"] for d in scripts_module("metrics").METRIC_DEFINITIONS]
+
+
+def debugger_rule_names() -> list[str]:
+    """Built-in Debugger rules the pinned SDK knows (sagemaker.debugger.rule_configs.<name>)."""
+    import inspect
+    from smdebug_rulesconfig.debugger_rules import builtin_rules
+    return sorted(n for n, f in vars(builtin_rules).items()
+                  if inspect.isfunction(f) and not n.startswith("_") and f.__module__ == builtin_rules.__name__)
+
+
+def _fail(source: str, path: str, message: str) -> None:
+    raise ConfigError(f"{source}: {path}: {message}")
+
+
+def _check(cfg: Config) -> None:
+    """What pydantic's types cannot say: cross-field rules and AWS name formats."""
+    src = cfg.source
+    if not _PIPELINE_NAME.match(cfg.pipeline.name):
+        _fail(src, "pipeline.name", f"letters, digits and single hyphens, 1-256 chars; got {cfg.pipeline.name!r}")
+    if not _REGION.match(cfg.aws.region):
+        _fail(src, "aws.region", f"an AWS region like 'us-east-1'; got {cfg.aws.region!r}")
+    if not _ROLE_ARN.match(cfg.aws.role):
+        _fail(src, "aws.role", f"an IAM role ARN like 'arn:aws:iam::123456789012:role/Name' "
+                               f"(or set SAGEMAKER_ROLE_ARN / --role); got {cfg.aws.role!r}")
+    if not _BUCKET.match(cfg.aws.bucket):
+        _fail(src, "aws.bucket", f"an S3 bucket name (3-63 chars, lowercase, digits, '.', '-'); got {cfg.aws.bucket!r}")
+    if cfg.aws.prefix.startswith("/") or "//" in cfg.aws.prefix:
+        _fail(src, "aws.prefix", f"a relative S3 key prefix without '//'; got {cfg.aws.prefix!r}")
+    if not re.match(r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]/(.+/)?$", cfg.data.uri):
+        _fail(src, "data.uri", f"an s3://bucket/prefix/ URI ending in '/' (holding train/ valid/ test/); "
+                               f"got {cfg.data.uri!r}")
+    if cfg.training.checkpoint_prefix is not None and not cfg.training.checkpoint_prefix.startswith("s3://"):
+        _fail(src, "training.checkpoint_prefix", f"an s3:// URI; got {cfg.training.checkpoint_prefix!r}")
+
+    for where, inst in (("tuning.instance", cfg.tuning.instance), ("training.instance", cfg.training.instance)):
+        if not _INSTANCE.match(inst.type):
+            _fail(src, f"{where}.type", f"a SageMaker instance type like 'ml.g4dn.xlarge'; got {inst.type!r}")
+    if not _INSTANCE.match(cfg.endpoint.instance_type):
+        _fail(src, "endpoint.instance_type", f"a SageMaker instance type like 'ml.m5.large'; got {cfg.endpoint.instance_type!r}")
+    for where, spot, inst in (("tuning", cfg.tuning.spot, cfg.tuning.instance),
+                              ("training", cfg.training.spot, cfg.training.instance)):
+        if spot.enabled and spot.max_wait_s < inst.max_run_s:
+            _fail(src, f"{where}.spot.max_wait_s", f"must be >= {where}.instance.max_run_s ({inst.max_run_s}); "
+                                                   f"got {spot.max_wait_s}")
+
+    t = cfg.tuning
+    if t.max_parallel_jobs > t.max_jobs:
+        _fail(src, "tuning.max_parallel_jobs", f"must be <= tuning.max_jobs ({t.max_jobs}); got {t.max_parallel_jobs}")
+    if not t.ranges:
+        _fail(src, "tuning.ranges", "at least one hyperparameter range")
+    for name, r in t.ranges.items():
+        path = f"tuning.ranges.{name}"
+        if name not in TUNABLE:
+            _fail(src, path, f"tunable hyperparameters are {list(TUNABLE)}; got {name!r}")
+        if name in cfg.training.hyperparameters:
+            _fail(src, f"training.hyperparameters.{name}", f"{name!r} is tuned (tuning.ranges.{name}); remove it here")
+        if isinstance(r, CategoricalRange):
+            if not r.values:
+                _fail(src, f"{path}.values", "a non-empty list of values")
+            if len(set(map(str, r.values))) != len(r.values):
+                _fail(src, f"{path}.values", f"distinct values; got {r.values}")
+        else:
+            if r.min >= r.max:
+                _fail(src, f"{path}.min", f"must be less than max ({r.max}); got {r.min}")
+            if r.scaling in ("Logarithmic", "ReverseLogarithmic") and r.min <= 0:
+                _fail(src, f"{path}.min", f"must be > 0 for {r.scaling} scaling; got {r.min}")
+            if r.scaling == "ReverseLogarithmic" and r.max >= 1:
+                _fail(src, f"{path}.max", f"must be < 1 for ReverseLogarithmic scaling; got {r.max}")
+    missing = [n for n in TUNABLE if n not in t.ranges and n not in cfg.training.hyperparameters]
+    if missing:
+        _fail(src, "tuning.ranges", f"needs a range (or a static training.hyperparameters value) for {missing}")
+    if t.strategy == "Grid" and any(not isinstance(r, CategoricalRange) for r in t.ranges.values()):
+        _fail(src, "tuning.strategy", "Grid search needs only categorical ranges")
+
+    names = metric_names()
+    if t.objective.metric not in names:
+        _fail(src, "tuning.objective.metric", f"one of {names}; got {t.objective.metric!r}")
+    if cfg.gate.metric not in names:
+        _fail(src, "gate.metric", f"one of {names}; got {cfg.gate.metric!r}")
+    if not 0.0 <= cfg.gate.threshold <= 1.0:
+        _fail(src, "gate.threshold", f"a fraction in [0, 1]; got {cfg.gate.threshold}")
+
+    if cfg.debugger.enabled:
+        known = debugger_rule_names()
+        for i, rule in enumerate(cfg.debugger.rules):
+            if rule.name not in known:
+                _fail(src, f"debugger.rules.{i}.name", f"a built-in Debugger rule, one of {known}; got {rule.name!r}")
+    for where, name in (("registry.model_package_group", cfg.registry.model_package_group),
+                        ("endpoint.name", cfg.endpoint.name)):
+        if not _ENTITY_NAME.match(name):
+            _fail(src, where, f"letters, digits and single hyphens, 1-63 chars; got {name!r}")
+    if len(cfg.endpoint.name) > 63 - 13:
+        # The endpoint config is named <endpoint>-<execution id (12 chars)>.
+        _fail(src, "endpoint.name", f"at most 50 chars (its configs append an execution id); got {len(cfg.endpoint.name)}")
+    if not _DURATION.match(cfg.cache.expire_after):
+        _fail(src, "cache.expire_after", f"an ISO 8601 duration like 'P30D' or 'PT12H'; got {cfg.cache.expire_after!r}")
+    if not cfg.registry.content_types or not cfg.registry.response_types:
+        _fail(src, "registry.content_types", "non-empty content_types and response_types")
+    for key in cfg.training.hyperparameters:
+        if not re.match(r"^[a-z][a-z0-9-]*$", key):
+            _fail(src, f"training.hyperparameters.{key}", "a flag name without '--' (lowercase, digits, '-')")
+
+
+def _format_loc(loc: tuple[Any, ...]) -> str:
+    # pydantic puts the discriminator ('continuous') into the path of a range; users never wrote it.
+    parts = [str(p) for i, p in enumerate(loc) if not (p in RANGE_TYPES and i >= 3 and loc[i - 2] == "ranges")]
+    return ".".join(parts) or "(top level)"
+
+
+def _format_error(source: str, err: dict) -> str:
+    path = _format_loc(err["loc"])
+    kind, msg = err["type"], err["msg"]
+    if kind == "extra_forbidden":
+        return f"{source}: {path}: unknown key (check spelling; see pipeline.yaml for every key)"
+    if kind == "missing":
+        return f"{source}: {path}: required field is missing"
+    if kind == "union_tag_invalid":
+        return f"{source}: {path}.type: one of {list(RANGE_TYPES)}; got {err['input'].get('type')!r}"
+    if kind == "union_tag_not_found":
+        return f"{source}: {path}.type: required, one of {list(RANGE_TYPES)}"
+    return f"{source}: {path}: {msg}; got {err.get('input')!r}"
+
+
+def parse_config(raw: Any, source: str = "<config>", region: str | None = None,
+                 role: str | None = None, bucket: str | None = None) -> Config:
+    """Validate an already-parsed YAML document (a dict) into a Config."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections (pipeline, aws, data, ...), got {type(raw).__name__}")
+    raw = dict(raw)
+    aws = dict(raw.get("aws") or {}) if isinstance(raw.get("aws", {}), dict) else raw.get("aws")
+    if isinstance(aws, dict):
+        for key, arg, env in (("region", region, "AWS_REGION"), ("role", role, "SAGEMAKER_ROLE_ARN"),
+                              ("bucket", bucket, "SAGEMAKER_BUCKET")):
+            value = arg or os.environ.get(env)
+            if value:
+                aws[key] = value
+        raw["aws"] = aws
+    raw["source"] = source
+    try:
+        cfg = Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError("\n".join(_format_error(source, e) for e in exc.errors())) from None
+    _check(cfg)
+    return cfg
+
+
+def load_config(path: str | os.PathLike, region: str | None = None, role: str | None = None,
+                bucket: str | None = None) -> Config:
+    """Read and validate pipeline.yaml; CLI values beat environment beats the file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config ({exc.strerror})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return parse_config(raw, source=str(path), region=region, role=role, bucket=bucket)

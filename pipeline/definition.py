@@ -1,0 +1,249 @@
+"""The pipeline, wired from typed config: Tune -> Train -> Model -> gate -> Endpoint | Fail.
+
+`build_definition(cfg)` returns the definition JSON that AWS runs and the local
+executor interprets, built offline (moto) and byte-identical for the same commit.
+"""
+from __future__ import annotations
+
+import contextlib
+import gzip
+import hashlib
+import io
+import json
+import logging
+import re
+import tarfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline import offline  # noqa: F401  (sets SDK environment before any sagemaker import)
+from pipeline.config import REPO_ROOT, Config, scripts_module
+
+SCRIPTS_DIR = REPO_ROOT / "scripts"
+
+
+# --- code artifact ------------------------------------------------------------
+
+def source_tarball(directory: Path = SCRIPTS_DIR) -> bytes:
+    """scripts/ as sourcedir.tar.gz, the same bytes for the same files.
+
+    Sorted entries, zero mtimes/owners, no gzip timestamp: its hash names its S3 key,
+    so unchanged code keeps the same URI (and SageMaker's step cache keeps hitting).
+    """
+    buf = io.BytesIO()
+    with gzip.GzipFile(fileobj=buf, mode="wb", mtime=0) as gz, tarfile.open(fileobj=gz, mode="w") as tar:
+        for path in sorted(directory.rglob("*")):
+            rel = path.relative_to(directory)
+            if any(p.startswith(".") or p == "__pycache__" for p in rel.parts) or path.suffix == ".pyc":
+                continue
+            if not path.is_file():
+                continue
+            info = tarfile.TarInfo(rel.as_posix())
+            data = path.read_bytes()
+            info.size, info.mode, info.mtime = len(data), 0o644, 0
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def code_uri(cfg: Config, tarball: bytes) -> str:
+    return f"{cfg.s3_root}/code/{hashlib.sha256(tarball).hexdigest()[:16]}/sourcedir.tar.gz"
+
+
+# --- images -------------------------------------------------------------------
+
+def gpu_instance(instance_type: str) -> bool:
+    """ml.p*/ml.g* carry NVIDIA GPUs; everything else runs the CPU image."""
+    return re.match(r"^ml\.[pg]\d", instance_type) is not None
+
+
+def image(cfg: Config, scope: str, instance_type: str) -> str:
+    """PyTorch DLC for a config instance type (not a Parameter: the SDK would read its default)."""
+    from sagemaker import image_uris
+    return image_uris.retrieve("pytorch", region=cfg.aws.region, version=cfg.framework.version,
+                               py_version=cfg.framework.py_version, instance_type=instance_type,
+                               image_scope=scope)
+
+
+# --- the DAG ------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Params:
+    """Pipeline Parameters: what a user may change per execution without a rebuild."""
+    data_uri: object
+    tuning_instance_type: object
+    training_instance_type: object
+    endpoint_instance_type: object
+    endpoint_instance_count: object
+    threshold: object
+    approval_status: object
+
+    def all(self) -> list:
+        return list(vars(self).values())
+
+
+def parameters(cfg: Config) -> Params:
+    from sagemaker.workflow.parameters import ParameterFloat, ParameterInteger, ParameterString
+    return Params(
+        data_uri=ParameterString("DataUri", default_value=cfg.data.uri),
+        # Instance types may change per execution only within CPU or GPU (check_params):
+        # the image was picked for the config's type.
+        tuning_instance_type=ParameterString("TuningInstanceType", default_value=cfg.tuning.instance.type),
+        training_instance_type=ParameterString("TrainingInstanceType", default_value=cfg.training.instance.type),
+        endpoint_instance_type=ParameterString("EndpointInstanceType", default_value=cfg.endpoint.instance_type),
+        endpoint_instance_count=ParameterInteger("EndpointInstanceCount", default_value=cfg.endpoint.instance_count),
+        threshold=ParameterFloat("AccuracyThreshold", default_value=cfg.gate.threshold),
+        approval_status=ParameterString("ModelApprovalStatus", default_value=cfg.registry.approval_status),
+    )
+
+
+def sagemaker_pipeline(cfg: Config, session, code_s3_uri: str):
+    """The sagemaker Pipeline object; the code tarball must already be at code_s3_uri."""
+    from sagemaker.workflow.pipeline import Pipeline
+    from sagemaker.workflow.pipeline_definition_config import PipelineDefinitionConfig
+    from sagemaker.workflow.retry import (SageMakerJobExceptionTypeEnum, SageMakerJobStepRetryPolicy,
+                                          StepExceptionTypeEnum, StepRetryPolicy)
+    from sagemaker.workflow.steps import CacheConfig
+
+    from steps.deploy import gate_step
+    from steps.model import model_steps
+    from steps.train import training_step
+    from steps.tune import tuning_step
+
+    params = parameters(cfg)
+    r = cfg.retry
+    retry = dict(max_attempts=r.max_attempts, interval_seconds=r.interval_s, backoff_rate=r.backoff_rate)
+    service_retry = [StepRetryPolicy(exception_types=[StepExceptionTypeEnum.SERVICE_FAULT,
+                                                      StepExceptionTypeEnum.THROTTLING], **retry)]
+    job_retry = service_retry + [SageMakerJobStepRetryPolicy(
+        exception_types=[SageMakerJobExceptionTypeEnum.CAPACITY_ERROR,
+                         SageMakerJobExceptionTypeEnum.INTERNAL_ERROR,
+                         SageMakerJobExceptionTypeEnum.RESOURCE_LIMIT], **retry)]
+    cache = CacheConfig(enable_caching=cfg.cache.enabled, expire_after=cfg.cache.expire_after)
+    metric_definitions = scripts_module("metrics").METRIC_DEFINITIONS
+
+    step_tune = tuning_step(cfg, session, code_uri=code_s3_uri, params=params, metric_definitions=metric_definitions,
+                            image_uri=image(cfg, "training", cfg.tuning.instance.type),
+                            cache_config=cache, retry_policies=job_retry)
+    step_train = training_step(cfg, session, step_tune=step_tune, code_uri=code_s3_uri, params=params,
+                               metric_definitions=metric_definitions,
+                               image_uri=image(cfg, "training", cfg.training.instance.type),
+                               cache_config=cache, retry_policies=job_retry)
+    step_model, step_register = model_steps(cfg, session, step_train=step_train, params=params,
+                                            image_uri=image(cfg, "inference", cfg.endpoint.instance_type),
+                                            retry_policies=service_retry)
+    step_gate = gate_step(cfg, session, step_train=step_train, step_model=step_model, params=params,
+                          retry_policies=service_retry)
+    return Pipeline(
+        name=cfg.pipeline.name,
+        parameters=params.all(),
+        steps=[step_tune, step_train, step_model, step_register, step_gate],
+        sagemaker_session=session,
+        # Job names stay out of the definition: SageMaker names each execution's jobs.
+        pipeline_definition_config=PipelineDefinitionConfig(use_custom_job_prefix=False),
+    )
+
+
+@dataclass
+class Build:
+    definition: str                              # the pipeline definition JSON
+    uploads: dict[str, bytes] = field(default_factory=dict)   # s3 URI -> bytes the SDK put there
+
+
+@contextlib.contextmanager
+def _quiet_sdk():
+    """The SDK narrates every expected step of a pipeline build (popped job names, no-wait
+    sessions, telemetry notice) at INFO/WARNING; keep real errors only."""
+    loggers = [logging.getLogger(n) for n in ("sagemaker", "botocore", "boto3")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Running within a PipelineSession")
+            warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"sagemaker\.")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def build(cfg: Config) -> Build:
+    """Build the definition offline; also return what it expects in S3 (the code tarball)."""
+    tarball = source_tarball()
+    uri = code_uri(cfg, tarball)
+    with _quiet_sdk(), offline.offline_session(cfg.aws.region, cfg.aws.bucket) as session:
+        bucket, _, key = uri[len("s3://"):].partition("/")
+        session.boto_session.client("s3").put_object(Bucket=bucket, Key=key, Body=tarball)
+        definition = sagemaker_pipeline(cfg, session, uri).definition()
+        uploads = offline.s3_objects(session.boto_session)
+    # Pretty and stable: reviewable diffs, same bytes every build.
+    text = json.dumps(json.loads(definition), indent=2, sort_keys=True) + "\n"
+    return Build(definition=text, uploads=uploads)
+
+
+def build_definition(cfg: Config, object_store=None) -> str:
+    """The definition JSON; with a LocalStore, also put the uploaded objects where it says."""
+    result = build(cfg)
+    if object_store is not None:
+        for uri, data in result.uploads.items():
+            object_store.put_bytes(uri, data)
+    return result.definition
+
+
+# --- per-execution parameter overrides ----------------------------------------
+
+# Which image each instance-type Parameter runs: (step type, path to the image in its Arguments).
+_IMAGE_OF = {
+    "TuningInstanceType": ("Tuning", ("TrainingJobDefinition", "AlgorithmSpecification", "TrainingImage")),
+    "TrainingInstanceType": ("Training", ("AlgorithmSpecification", "TrainingImage")),
+    "EndpointInstanceType": ("Model", ("PrimaryContainer", "Image")),
+}
+
+
+def check_params(definition_json: str, params: list[str] | dict) -> dict:
+    """Validate `--param NAME=VALUE` overrides against a definition; return {name: typed value}.
+
+    Unknown names and wrong types fail, and so does an instance type that needs the
+    other image: the definition's CPU/GPU image was chosen at build time from config,
+    so switching needs a rebuild (set the type in pipeline.yaml), never a silent mismatch.
+    """
+    from pipeline.graph import all_steps
+    definition = json.loads(definition_json) if isinstance(definition_json, str) else definition_json
+    declared = {p["Name"]: p for p in definition.get("Parameters", [])}
+    if not isinstance(params, dict):
+        pairs = {}
+        for item in params:
+            name, sep, value = item.partition("=")
+            if not sep or not name:
+                raise ValueError(f"--param {item!r}: expected NAME=VALUE")
+            pairs[name] = value
+        params = pairs
+    out = {}
+    for name, value in params.items():
+        if name not in declared:
+            raise ValueError(f"--param {name}: not a parameter of this pipeline; known: {sorted(declared)}")
+        kind = declared[name]["Type"]
+        try:
+            out[name] = int(value) if kind == "Integer" else float(value) if kind == "Float" else str(value)
+        except ValueError:
+            raise ValueError(f"--param {name}={value!r}: expected {kind}") from None
+    for name, (step_type, path) in _IMAGE_OF.items():
+        if name not in out:
+            continue
+        for step in all_steps(definition):
+            if step["Type"] != step_type:
+                continue
+            node = step["Arguments"]
+            for key in path:
+                node = node.get(key, {}) if isinstance(node, dict) else {}
+            if not isinstance(node, str):
+                continue
+            built_gpu = "-gpu-" in node
+            if gpu_instance(out[name]) != built_gpu:
+                want = "GPU" if gpu_instance(out[name]) else "CPU"
+                have = "GPU" if built_gpu else "CPU"
+                raise ValueError(
+                    f"--param {name}={out[name]} needs the {want} image, but step {step['Name']} was built "
+                    f"with the {have} image {node}; set the instance type in the config and rebuild")
+    return out

@@ -1,0 +1,712 @@
+"""Run a SageMaker pipeline definition JSON on this machine: no AWS, no Docker.
+
+    python run_pipeline.py --local --execute [--param Name=Value] [--definition-file PATH]
+
+It interprets the same bytes AWS gets: Parameters (defaults + overrides), Get /
+Std:Join / Std:JsonGet, DependsOn and data dependencies in topological order,
+Condition steps with their If/Else branches, Fail steps, RetryPolicies and
+CacheConfig. Step runners: Training (jobs.py), Tuning (tuner.py), Debugger rules
+(rules.py), Model / RegisterModel (a local registry), EndpointConfig / Endpoint
+(pipeline.serve). S3 URIs resolve against the local object store (store.py).
+
+The run dir holds the execution record (execution.json, rewritten atomically after
+every change), the definition that ran, one folder per step (job sandboxes and
+logs) and the report. Running the same command again after a Ctrl-C or a kill
+resumes that execution: finished steps and tuning trials are not redone.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import io
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import sys
+import tarfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any, Callable
+
+from pipeline.local import expressions as ex
+from pipeline.local.jobs import JobError, arn, now_iso, read_json, run_training_job, write_json
+from pipeline.local.store import LocalStore, REPO_ROOT
+from pipeline.local.tuner import TuningError, run_tuning_job
+
+SUPPORTED = ("Training", "Tuning", "Model", "RegisterModel", "Condition", "Fail", "EndpointConfig", "Endpoint")
+RESUMABLE = ("Executing", "Stopping", "Stopped")
+
+
+class DefinitionError(ValueError):
+    """The definition JSON or a parameter override is not valid: the message says where."""
+
+
+class StepFailed(Exception):
+    def __init__(self, reason: str, retry_kind: str | None = None):
+        super().__init__(reason)
+        self.reason, self.retry_kind = reason, retry_kind
+
+
+# ---------------------------------------------------------------- definition
+
+def load_definition(text: str | dict, source: str = "definition") -> dict:
+    try:
+        d = json.loads(text) if isinstance(text, str) else text
+    except json.JSONDecodeError as e:
+        raise DefinitionError(f"{source}: not JSON ({e})") from None
+    if not isinstance(d, dict) or not isinstance(d.get("Steps"), list):
+        raise DefinitionError(f"{source}: a pipeline definition needs a Steps list")
+    return d
+
+
+def flatten_steps(steps: list[dict], parent: str | None = None, branch: str | None = None,
+                  out: dict | None = None) -> dict[str, dict]:
+    """Every step by name, branch steps included, each with its (condition, branch) if any."""
+    out = {} if out is None else out
+    for step in steps:
+        name = step.get("Name")
+        if not name or "Type" not in step:
+            raise DefinitionError(f"step {step!r:.120}: needs Name and Type")
+        if name in out:
+            raise DefinitionError(f"step name {name!r} appears twice")
+        out[name] = {"step": step, "condition": parent, "branch": branch}
+        if step["Type"] == "Condition":
+            args = step.get("Arguments", {})
+            flatten_steps(args.get("IfSteps", []), name, "If", out)
+            flatten_steps(args.get("ElseSteps", []), name, "Else", out)
+    return out
+
+
+def _step_of_ref(ref: str, names: list[str]) -> str | None:
+    best = [n for n in names if ref == n or ref.startswith(n + ".") or ref.startswith(n + "[")]
+    return max(best, key=len) if best else None
+
+
+def dependencies(flat: dict[str, dict]) -> dict[str, set[str]]:
+    names = list(flat)
+    deps: dict[str, set[str]] = {}
+    for name, info in flat.items():
+        step = info["step"]
+        body = {k: v for k, v in step.get("Arguments", {}).items() if k not in ("IfSteps", "ElseSteps")} \
+            if step["Type"] == "Condition" else step.get("Arguments", {})
+        d = set()
+        for ref in ex.references([body, step.get("PropertyFiles")]):
+            owner = _step_of_ref(ref, names)
+            if owner is None:
+                raise DefinitionError(f"step {name!r} refers to unknown step in Get 'Steps.{ref}'")
+            d.add(owner)
+        for dep in step.get("DependsOn", []) or []:
+            if dep not in flat:
+                raise DefinitionError(f"step {name!r}: DependsOn {dep!r} is not a step (have {names})")
+            d.add(dep)
+        if info["condition"]:
+            d.add(info["condition"])
+        d.discard(name)
+        deps[name] = d
+    return deps
+
+
+def topological_order(deps: dict[str, set[str]]) -> list[str]:
+    order, state = [], {}
+
+    def visit(n, path):
+        if state.get(n) == "done":
+            return
+        if state.get(n) == "visiting":
+            raise DefinitionError(f"dependency cycle: {' -> '.join(path + [n])}")
+        state[n] = "visiting"
+        for m in sorted(deps[n]):
+            visit(m, path + [n])
+        state[n] = "done"
+        order.append(n)
+    for n in deps:  # definition order among independent steps
+        visit(n, [])
+    return order
+
+
+def parse_parameters(definition: dict, overrides: list[str] | dict | None) -> dict[str, Any]:
+    declared = {p["Name"]: p for p in definition.get("Parameters", [])}
+    values = {}
+    items = overrides.items() if isinstance(overrides, dict) else [
+        tuple(o.split("=", 1)) if "=" in o else (o, None) for o in (overrides or [])]
+    given = {}
+    for name, value in items:
+        if value is None:
+            raise DefinitionError(f"--param {name!r}: expected NAME=VALUE")
+        if name not in declared:
+            raise DefinitionError(f"--param {name}: not a pipeline parameter; valid: {sorted(declared)}")
+        given[name] = value
+    for name, p in declared.items():
+        kind = p.get("Type", "String")
+        raw = given.get(name, p.get("DefaultValue"))
+        if raw is None:
+            raise DefinitionError(f"parameter {name} has no DefaultValue: pass --param {name}=VALUE")
+        try:
+            if kind == "Integer":
+                values[name] = int(raw)
+            elif kind == "Float":
+                values[name] = float(raw)
+            elif kind == "Boolean":
+                values[name] = raw if isinstance(raw, bool) else {"true": True, "false": False}[str(raw).lower()]
+            else:
+                values[name] = str(raw)
+        except (ValueError, KeyError):
+            raise DefinitionError(f"parameter {name}: {raw!r} is not a valid {kind}") from None
+        if p.get("EnumValues") and values[name] not in p["EnumValues"]:
+            raise DefinitionError(f"parameter {name}: {values[name]!r} not in {p['EnumValues']}")
+    return values
+
+
+def _duration_s(text: str | None) -> float | None:
+    """ISO 8601 durations as CacheConfig.ExpireAfter uses them (P30D, PT1H, P1DT12H)."""
+    if not text:
+        return None
+    m = re.fullmatch(r"P(?:(\d+)Y)?(?:(\d+)M)?(?:(\d+)W)?(?:(\d+)D)?(?:T(?:(\d+)H)?(?:(\d+)M)?(?:(\d+)S)?)?", text)
+    if not m:
+        raise DefinitionError(f"CacheConfig.ExpireAfter {text!r} is not an ISO 8601 duration like P30D or PT1H")
+    y, mo, w, d, h, mi, s = (int(g or 0) for g in m.groups())
+    return (((y * 365 + mo * 30 + w * 7 + d) * 24 + h) * 60 + mi) * 60 + s
+
+
+# ---------------------------------------------------------------- execution
+
+class Execution:
+    def __init__(self, definition: dict, store: LocalStore, run_dir: Path, *, parameters: dict,
+                 pipeline_name: str, progress: Callable[[str], None] = print, keep_endpoint: bool = False,
+                 python: str = sys.executable):
+        self.definition, self.store, self.run_dir = definition, store, Path(run_dir)
+        self.progress, self.keep_endpoint, self.python = progress, keep_endpoint, python
+        self.flat = flatten_steps(definition["Steps"])
+        self.deps = dependencies(self.flat)
+        self.order = topological_order(self.deps)
+        self.definition_sha = hashlib.sha256(json.dumps(definition, sort_keys=True).encode()).hexdigest()
+        self.registry = store.root / ".sagemaker"  # the control plane's records: models, endpoints, cache
+        self.endpoints: list = []
+        self.t0 = time.monotonic()
+        previous = read_json(self.run_dir / "execution.json")
+        if (previous and previous.get("PipelineExecutionStatus") in RESUMABLE
+                and previous.get("DefinitionSha256") == self.definition_sha
+                and previous.get("ParameterValues") == json.loads(json.dumps(parameters))):
+            self.record = previous
+            self.resumed = True
+        else:
+            exec_id = secrets.token_hex(6)
+            self.record = {
+                "PipelineName": pipeline_name,
+                "PipelineArn": arn("pipeline", pipeline_name),
+                "PipelineExecutionId": exec_id,
+                "PipelineExecutionArn": f"{arn('pipeline', pipeline_name)}/execution/{exec_id}",
+                "PipelineExecutionStatus": "Executing",
+                "StartTime": now_iso(),
+                "Parameters": [{"Name": k, "Value": ex.to_text(v)} for k, v in parameters.items()],
+                "ParameterValues": parameters,
+                "DefinitionSha256": self.definition_sha,
+                "Steps": {},
+            }
+            self.resumed = False
+        self.record["PipelineExecutionStatus"] = "Executing"
+        self.record.pop("FailureReason", None)
+        self.ctx = ex.Context(
+            parameters=parameters,
+            execution={"PipelineExecutionId": self.record["PipelineExecutionId"],
+                       "PipelineExecutionArn": self.record["PipelineExecutionArn"],
+                       "PipelineName": pipeline_name, "PipelineArn": self.record["PipelineArn"],
+                       "StartDateTime": self.record["StartTime"], "CurrentDateTime": now_iso(),
+                       "_property_file_owners": {pf["PropertyFileName"]: n for n, i in self.flat.items()
+                                                 for pf in i["step"].get("PropertyFiles", []) or []}},
+            property_file_loader=self._property_file,
+            s3_json_loader=lambda uri: ex.read_json_file(self.store.path(uri), uri))
+        for name, rec in self.record["Steps"].items():
+            if rec.get("StepStatus") == "Succeeded":
+                self.ctx.properties[name] = rec.get("Properties", {})
+
+    # -- bookkeeping
+    def save(self) -> None:
+        self.record["LastModifiedTime"] = now_iso()
+        write_json(self.run_dir / "execution.json", self.record)
+
+    def say(self, text: str) -> None:
+        self.progress(f"[{time.monotonic() - self.t0:6.0f}s] {text}")
+
+    def step_dir(self, name: str) -> Path:
+        """Per execution, so a new execution never reuses an old one's job names or trials."""
+        return self.run_dir / "steps" / self.record["PipelineExecutionId"] / re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+
+    # -- the run
+    def run(self) -> dict:
+        self.save()
+        if self.resumed:
+            done = [n for n, r in self.record["Steps"].items() if r.get("StepStatus") == "Succeeded"]
+            self.say(f"resuming execution {self.record['PipelineExecutionId']}: "
+                     f"{len(done)} step(s) already succeeded ({', '.join(done) or 'none'})")
+        else:
+            self.say(f"execution {self.record['PipelineExecutionId']} of {self.record['PipelineName']}: "
+                     f"{len(self.order)} steps; run dir {self.run_dir}")
+        failed: str | None = None
+        for name in self.order:
+            info = self.flat[name]
+            rec = self.record["Steps"].get(name)
+            if rec and rec.get("StepStatus") == "Succeeded":
+                self.say(f"{name} ({info['step']['Type']}): Succeeded earlier, not redone")
+                continue
+            if failed:
+                break  # AWS stops scheduling new steps once one fails
+            if not self._branch_taken(name) or any(
+                    self.record["Steps"].get(d, {}).get("StepStatus") == "NotExecuted" for d in self.deps[name]):
+                self.record["Steps"][name] = {"StepName": name, "StepType": info["step"]["Type"],
+                                              "StepStatus": "NotExecuted"}
+                continue
+            status = self._run_step(name, info["step"])
+            if status == "Failed":
+                failed = name
+            self.save()
+        if failed:
+            self.record["PipelineExecutionStatus"] = "Failed"
+            self.record["FailureReason"] = f"Step {failed} failed: {self.record['Steps'][failed].get('FailureReason')}"
+        else:
+            self.record["PipelineExecutionStatus"] = "Succeeded"
+        self.record["EndTime"] = now_iso()
+        self.save()
+        return self.record
+
+    def _branch_taken(self, name: str) -> bool:
+        info = self.flat[name]
+        if not info["condition"]:
+            return True
+        cond = self.record["Steps"].get(info["condition"], {})
+        outcome = cond.get("Properties", {}).get("Outcome")
+        return cond.get("StepStatus") == "Succeeded" and outcome == ("True" if info["branch"] == "If" else "False")
+
+    def _run_step(self, name: str, step: dict) -> str:
+        kind = step["Type"]
+        rec = {"StepName": name, "StepType": kind, "StepStatus": "Executing", "StartTime": now_iso(),
+               "AttemptCount": 0}
+        if step.get("DisplayName"):
+            rec["StepDisplayName"] = step["DisplayName"]
+        self.record["Steps"][name] = rec
+        self.save()
+        self.say(f"{name} ({kind}): Executing")
+        t0 = time.monotonic()
+        policies = step.get("RetryPolicies") or []
+        attempt = 0
+        while True:
+            attempt += 1
+            rec["AttemptCount"] = attempt
+            try:
+                self.ctx.execution["CurrentDateTime"] = now_iso()
+                args = ex.resolve(step.get("Arguments", {}), self.ctx) if kind != "Condition" else {}
+                if kind != "Condition":
+                    rec["Arguments"] = args
+                cached = self._cache_lookup(name, step, args)
+                if cached:
+                    rec["Properties"], rec["CacheHitResult"] = cached
+                    self.say(f"{name}: cache hit (from execution "
+                             f"{rec['CacheHitResult']['SourcePipelineExecutionArn'].rsplit('/', 1)[-1]})")
+                else:
+                    rec["Properties"] = self._dispatch(name, kind, step, args)
+                    self._cache_store(name, step, args, rec["Properties"])
+                rec["StepStatus"] = "Succeeded"
+                break
+            except (StepFailed, ex.ExpressionError, JobError, TuningError, DefinitionError) as e:
+                reason = e.reason if isinstance(e, StepFailed) else f"{type(e).__name__}: {e}"
+                retry_kind = e.retry_kind if isinstance(e, StepFailed) else None
+                wait = _retry_wait(policies, retry_kind, attempt)
+                if wait is not None:
+                    self.say(f"{name}: attempt {attempt} failed ({reason[:120]}); retrying in {wait:g}s "
+                             f"(RetryPolicies {retry_kind})")
+                    time.sleep(wait)
+                    continue
+                rec["StepStatus"], rec["FailureReason"] = "Failed", reason
+                if isinstance(e, StepFailed) and getattr(e, "properties", None):
+                    rec["Properties"] = e.properties
+                break
+        rec["EndTime"] = now_iso()
+        if rec["StepStatus"] == "Succeeded":
+            self.ctx.properties[name] = rec["Properties"]
+        extra = ""
+        if kind == "Condition":
+            extra = f" -> {'IfSteps' if rec['Properties']['Outcome'] == 'True' else 'ElseSteps'}"
+        self.say(f"{name} ({kind}): {rec['StepStatus']}{extra} ({time.monotonic() - t0:.0f}s)"
+                 + (f": {rec['FailureReason']}" if rec.get("FailureReason") else ""))
+        return rec["StepStatus"]
+
+    # -- caching: same step type + same resolved arguments -> same result
+    def _cache_key(self, name: str, step: dict, args: dict) -> str:
+        blob = json.dumps({"Type": step["Type"], "Name": name, "Arguments": args}, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def _cache_lookup(self, name: str, step: dict, args: dict):
+        cfg = step.get("CacheConfig") or {}
+        if not cfg.get("Enabled") or step["Type"] not in ("Training", "Tuning"):
+            return None
+        entry = read_json(self.registry / "cache" / f"{self._cache_key(name, step, args)}.json")
+        if not entry:
+            return None
+        expire = _duration_s(cfg.get("ExpireAfter"))
+        age = time.time() - entry["time"]
+        if expire is not None and age > expire:
+            return None
+        model = entry["properties"].get("ModelArtifacts", {}).get("S3ModelArtifacts")
+        if model and not self.store.exists(model):
+            return None  # the artifact it promises is gone
+        return entry["properties"], {"SourcePipelineExecutionArn": entry["execution_arn"]}
+
+    def _cache_store(self, name: str, step: dict, args: dict, properties: dict) -> None:
+        if (step.get("CacheConfig") or {}).get("Enabled") and step["Type"] in ("Training", "Tuning"):
+            write_json(self.registry / "cache" / f"{self._cache_key(name, step, args)}.json",
+                       {"time": time.time(), "execution_arn": self.record["PipelineExecutionArn"],
+                        "step": name, "properties": properties})
+
+    # -- property files (Std:JsonGet): read from the job's output.tar.gz, then model.tar.gz
+    def _property_file(self, step_name: str, file_name: str) -> Any:
+        info = self.flat.get(step_name)
+        decl = next((pf for pf in (info["step"].get("PropertyFiles") or []) if pf.get("PropertyFileName") == file_name),
+                    None) if info else None
+        if decl is None:
+            raise ex.ExpressionError(f"step {step_name!r} declares no property file {file_name!r}")
+        props = self.ctx.properties.get(step_name, {})
+        model = props.get("ModelArtifacts", {}).get("S3ModelArtifacts")
+        if not model:
+            raise ex.ExpressionError(f"property file {file_name}: step {step_name} has no job output")
+        archives = [model.rsplit("/", 1)[0] + "/output.tar.gz", model]
+        if decl.get("OutputName") == "model":
+            archives.reverse()
+        for uri in archives:
+            path = self.store.path(uri)
+            if not path.is_file():
+                continue
+            with tarfile.open(path) as tar:
+                try:
+                    member = tar.extractfile(decl["FilePath"].lstrip("/"))
+                except KeyError:
+                    continue
+                if member is not None:
+                    return json.load(io.TextIOWrapper(member))
+        raise ex.ExpressionError(f"property file {file_name}: {decl['FilePath']} is in none of {archives}")
+
+    # -- step runners
+    def _dispatch(self, name: str, kind: str, step: dict, args: dict) -> dict:
+        if kind == "Training":
+            return self._training(name, args)
+        if kind == "Tuning":
+            return self._tuning(name, args)
+        if kind == "Condition":
+            outcome = all(ex.evaluate_condition(c, self.ctx) for c in step["Arguments"].get("Conditions", []))
+            return {"Outcome": "True" if outcome else "False"}
+        if kind == "Fail":
+            message = ex.to_text(args.get("ErrorMessage", ""))
+            self.record["FailStepMessage"] = message
+            raise StepFailed(message)
+        if kind == "Model":
+            return self._model(name, args)
+        if kind == "RegisterModel":
+            return self._register(name, args)
+        if kind == "EndpointConfig":
+            return self._endpoint_config(args)
+        if kind == "Endpoint":
+            return self._endpoint(name, args)
+        raise StepFailed(f"step type {kind!r} is not supported by the local executor; supported: {list(SUPPORTED)}")
+
+    def _job_name(self, name: str, limit: int = 63) -> str:
+        stem = re.sub(r"[^A-Za-z0-9-]", "-", name)[:24]
+        return f"pipelines-{self.record['PipelineExecutionId']}-{stem}-{secrets.token_hex(3)}"[:limit]
+
+    def _epoch_printer(self, label: str) -> Callable[[str], None]:
+        pattern = re.compile(r"^epoch (\d+)/(\d+)\s*(.*)")
+
+        def on_line(line: str) -> None:
+            m = pattern.match(line)
+            if m:
+                self.say(f"  {label} epoch {m.group(1)}/{m.group(2)}: {m.group(3)[:110]}")
+            elif re.match(r"^(test accuracy|average test loss|validation accuracy)", line):
+                self.say(f"  {label} {line.strip()}")
+        return on_line
+
+    def _training(self, name: str, args: dict) -> dict:
+        sdir = self.step_dir(name)
+        previous = read_json(sdir / "job_name.json")  # resume: the same job name keeps its checkpoints
+        job = previous or self._job_name(name)
+        write_json(sdir / "job_name.json", job)
+        describe = run_training_job(job, args, self.store, sdir / "job", on_line=self._epoch_printer(name),
+                                    python=self.python)
+        tensors = Path(describe["LocalJobDir"]) / "opt_ml" / "output" / "tensors"
+        if args.get("DebugRuleConfigurations"):
+            from pipeline.local import rules  # smdebug is slow to import: only when rules are asked for
+            describe["DebugRuleEvaluationStatuses"] = rules.evaluate_rules(
+                args["DebugRuleConfigurations"], tensors, job)
+            for s in describe["DebugRuleEvaluationStatuses"]:
+                self.say(f"  {name} rule {s['RuleConfigurationName']}: {s['RuleEvaluationStatus']} "
+                         f"({s['StatusDetails'][:100]})")
+        if args.get("ProfilerRuleConfigurations"):
+            describe["ProfilerRuleEvaluationStatuses"] = [
+                {"RuleConfigurationName": c.get("RuleConfigurationName"),
+                 "RuleEvaluationJobArn": arn("processing-job", f"{job[:40]}-{c.get('RuleConfigurationName', '')[:20]}"),
+                 "RuleEvaluationStatus": "NoIssuesFound" if describe.get("ProfilerSummary", {}).get("samples")
+                 else "Error",
+                 "StatusDetails": f"system metrics: {json.dumps(describe.get('ProfilerSummary', {}))}",
+                 "LastModifiedTime": now_iso()} for c in args["ProfilerRuleConfigurations"]]
+        if describe["TrainingJobStatus"] != "Completed":
+            err = StepFailed(f"{describe['TrainingJobStatus']}: {describe.get('FailureReason', '')}",
+                             describe.get("LocalFailureKind"))
+            err.properties = describe
+            raise err
+        return describe
+
+    def _tuning(self, name: str, args: dict) -> dict:
+        sdir = self.step_dir(name)
+        job = read_json(sdir / "job_name.json") or \
+            f"{self.record['PipelineExecutionId'][:12]}-{re.sub(r'[^A-Za-z0-9-]', '-', name)[:12]}-{secrets.token_hex(2)}"
+        write_json(sdir / "job_name.json", job)
+        describe = run_tuning_job(job, args, self.store, sdir, progress=self.say)
+        write_json(sdir / "leaderboard.json", describe.get("TrainingJobSummaries", []))
+        if describe["HyperParameterTuningJobStatus"] != "Completed":
+            err = StepFailed(describe.get("FailureReason", "tuning job failed"))
+            err.properties = describe
+            raise err
+        best = describe["BestTrainingJob"]
+        self.say(f"  {name} best: {best['TrainingJobName']} "
+                 f"{best['FinalHyperParameterTuningJobObjectiveMetric']['MetricName']}="
+                 f"{best['FinalHyperParameterTuningJobObjectiveMetric']['Value']:.4g} {best['TunedHyperParameters']}")
+        return describe
+
+    def _put_record(self, kind: str, name: str, data: dict) -> None:
+        write_json(self.registry / kind / f"{name}.json", data)
+
+    def _get_record(self, kind: str, name: str, what: str) -> dict:
+        data = read_json(self.registry / kind / f"{name}.json")
+        if data is None:
+            raise StepFailed(f"{what} {name!r} does not exist (ValidationException)")
+        return data
+
+    def _model(self, name: str, args: dict) -> dict:
+        containers = [args["PrimaryContainer"]] if args.get("PrimaryContainer") else args.get("Containers", [])
+        if not containers:
+            raise StepFailed("CreateModel needs PrimaryContainer or Containers")
+        for c in containers:
+            url = c.get("ModelDataUrl")
+            if url and not self.store.exists(url):
+                raise StepFailed(f"ModelDataUrl {url} is not in the local store")
+        model_name = args.get("ModelName") or self._job_name(name)
+        describe = {"ModelName": model_name, "ModelArn": arn("model", model_name),
+                    "PrimaryContainer": containers[0], "Containers": containers,
+                    "ExecutionRoleArn": args.get("ExecutionRoleArn"), "CreationTime": now_iso(),
+                    "EnableNetworkIsolation": bool(args.get("EnableNetworkIsolation", False))}
+        self._put_record("models", model_name, describe)
+        return describe
+
+    def _register(self, name: str, args: dict) -> dict:
+        group = args.get("ModelPackageGroupName")
+        if not group:
+            raise StepFailed("RegisterModel needs ModelPackageGroupName")
+        gdir = self.registry / "model-packages" / group
+        version = len(list(gdir.glob("*.json"))) + 1 if gdir.exists() else 1
+        describe = {"ModelPackageGroupName": group, "ModelPackageVersion": version,
+                    "ModelPackageName": f"{group}/{version}",
+                    "ModelPackageArn": arn("model-package", f"{group}/{version}"),
+                    "ModelPackageStatus": "Completed", "ModelApprovalStatus": args.get("ModelApprovalStatus",
+                                                                                       "PendingManualApproval"),
+                    "InferenceSpecification": args.get("InferenceSpecification"),
+                    "ModelMetrics": args.get("ModelMetrics"), "CustomerMetadataProperties":
+                        args.get("CustomerMetadataProperties"), "CreationTime": now_iso()}
+        write_json(gdir / f"{version:04d}.json", describe)
+        return describe
+
+    def _endpoint_config(self, args: dict) -> dict:
+        cname = args.get("EndpointConfigName")
+        variants = args.get("ProductionVariants") or []
+        if not cname or not variants:
+            raise StepFailed("EndpointConfig needs EndpointConfigName and ProductionVariants")
+        for v in variants:
+            self._get_record("models", v.get("ModelName"), "model")
+        describe = {"EndpointConfigName": cname, "EndpointConfigArn": arn("endpoint-config", cname),
+                    "ProductionVariants": variants, "CreationTime": now_iso()}
+        self._put_record("endpoint-configs", cname, describe)
+        return describe
+
+    def _endpoint(self, name: str, args: dict) -> dict:
+        from pipeline.serve import launch
+        ename, cname = args.get("EndpointName"), args.get("EndpointConfigName")
+        config = self._get_record("endpoint-configs", cname, "endpoint config")
+        model = self._get_record("models", config["ProductionVariants"][0]["ModelName"], "model")
+        container = model["PrimaryContainer"]
+        model_path = self.store.path(container["ModelDataUrl"])
+        old = read_json(self.registry / "endpoints" / f"{ename}.json")
+        if old and old.get("LocalPid"):
+            _stop_pid(old["LocalPid"])  # UpdateEndpoint: the new model replaces the old one
+        log_path = self.step_dir(name) / "endpoint.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        endpoint = launch(model_path, env=container.get("Environment") or {}, log_path=log_path)
+        self.endpoints.append(endpoint)
+        try:
+            endpoint.wait_ready(timeout=180)
+        except (RuntimeError, TimeoutError) as e:
+            raise StepFailed(f"endpoint did not become InService: {e}") from None
+        smoke = _smoke_invoke(endpoint.url)
+        self.say(f"  {name}: InService at {endpoint.url} (smoke test: {smoke})")
+        describe = {"EndpointName": ename, "EndpointArn": arn("endpoint", ename), "EndpointConfigName": cname,
+                    "EndpointStatus": "InService", "ProductionVariants": [
+                        {"VariantName": v.get("VariantName"), "CurrentInstanceCount": v.get("InitialInstanceCount", 1)}
+                        for v in config["ProductionVariants"]],
+                    "CreationTime": now_iso(), "LastModifiedTime": now_iso(),
+                    "LocalUrl": endpoint.url, "LocalPid": endpoint.pid, "LocalSmokeTest": smoke}
+        self._put_record("endpoints", ename, describe)
+        return describe
+
+    def close(self) -> None:
+        for endpoint in self.endpoints:
+            if self.keep_endpoint:
+                self.say(f"endpoint kept up at {endpoint.url} (pid {endpoint.pid}); stop it with kill {endpoint.pid}")
+            else:
+                endpoint.stop()
+
+
+def _stop_pid(pid: int) -> None:
+    try:
+        os.kill(int(pid), signal.SIGTERM)
+    except (ProcessLookupError, PermissionError, ValueError):
+        pass
+
+
+def _smoke_invoke(url: str) -> str:
+    """One real request over HTTP: a small JPEG in, JSON out."""
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (120, 80, 40)).save(buf, format="JPEG")
+    req = urllib.request.Request(url + "/invocations", data=buf.getvalue(), method="POST",
+                                 headers={"Content-Type": "image/jpeg", "Accept": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as reply:
+            body = reply.read()
+            json.loads(body)
+            return f"HTTP {reply.status}, {len(body)} bytes of JSON"
+    except Exception as e:  # noqa: BLE001 - reported, the endpoint step decides
+        raise StepFailed(f"endpoint smoke test failed: {type(e).__name__}: {e}") from None
+
+
+def _retry_wait(policies: list[dict], kind: str | None, attempt: int) -> float | None:
+    """Seconds to wait before the next attempt, or None when no policy retries this failure."""
+    if not kind:
+        return None
+    for p in policies:
+        types = p.get("ExceptionType", [])
+        if any(t.split(".", 1)[-1] == kind for t in types):
+            if attempt >= int(p.get("MaxAttempts", 1)):
+                return None
+            return float(p.get("IntervalSeconds", 1)) * float(p.get("BackoffRate", 2.0)) ** (attempt - 1)
+    return None
+
+
+# ---------------------------------------------------------------- entry point
+
+def _ensure_data(cfg, store: LocalStore, data: str | None) -> None:
+    """--data PATH puts a dataset folder at the data URI; else a config `sample` block
+    generates the small dataset there (once)."""
+    data_cfg = getattr(cfg, "data", None)
+    uri = getattr(data_cfg, "uri", None) or getattr(data_cfg, "s3_uri", None) or \
+        (data_cfg if isinstance(data_cfg, str) else None)
+    if data:
+        if not uri:
+            raise DefinitionError("--data given but the config has no data URI")
+        source = Path(data)
+        if not source.is_dir():
+            raise DefinitionError(f"--data {data}: not a folder (give the extracted dogImages folder)")
+        print(f"copying {source} to {uri} in the local store ...")
+        store.put_dir(uri, source)
+        return
+    sample = getattr(data_cfg, "sample", None)
+    if uri and sample and not store.exists(uri):
+        from pipeline.sample_data import generate_dataset
+        fields = sample if isinstance(sample, dict) else (
+            sample.model_dump() if hasattr(sample, "model_dump") else vars(sample))
+        print(f"generating the sample dataset at {uri} ({fields}) ...")
+        tmp = store.path(uri).with_name(store.path(uri).name + ".generating")
+        shutil.rmtree(tmp, ignore_errors=True)
+        generate_dataset(tmp, **{k: v for k, v in fields.items() if v is not None})
+        store.put_dir(uri, tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def execute(definition: str | dict, *, store: LocalStore, run_dir: str | Path, params=None,
+            pipeline_name: str = "pipeline", keep_endpoint: bool = False, progress=print,
+            report: bool = True) -> dict:
+    """Run a definition; the execution record. Ctrl-C / SIGTERM leaves a resumable record."""
+    definition = load_definition(definition)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    parameters = parse_parameters(definition, params)
+    write_json(run_dir / "definition.json", definition)
+    execution = Execution(definition, store, run_dir, parameters=parameters, pipeline_name=pipeline_name,
+                          progress=progress, keep_endpoint=keep_endpoint)
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
+    old = signal.signal(signal.SIGTERM, on_term) if _main_thread() else None
+    try:
+        record = execution.run()
+    except KeyboardInterrupt:
+        rec = execution.record
+        rec["PipelineExecutionStatus"] = "Stopped"
+        for s in rec["Steps"].values():
+            if s.get("StepStatus") == "Executing":
+                s["StepStatus"], s["FailureReason"] = "Stopped", "interrupted"
+        execution.save()
+        execution.say("interrupted: run the same command again to resume")
+        raise
+    finally:
+        execution.close()
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
+    if report:
+        try:
+            from pipeline.local.report import write_report
+            path = write_report(run_dir, record, definition, store)
+            execution.say(f"report: {path}")
+        except Exception as e:  # noqa: BLE001 - the run's result stands without its report
+            execution.say(f"report could not be written: {type(e).__name__}: {e}")
+    return record
+
+
+def _main_thread() -> bool:
+    import threading
+    return threading.current_thread() is threading.main_thread()
+
+
+def run_local(cfg, definition_file=None, params=(), run_dir=None, data=None, keep_endpoint=False) -> int:
+    store = LocalStore()
+    name = getattr(cfg, "pipeline_name", None) or getattr(cfg, "name", None) or "pipeline"
+    run_dir = Path(run_dir) if run_dir else REPO_ROOT / "runs" / name
+    try:
+        _ensure_data(cfg, store, data)
+        if definition_file:
+            text = Path(definition_file).read_text()
+            source = str(definition_file)
+        else:
+            from pipeline.definition import build_definition
+            text = build_definition(cfg, object_store=store)
+            source = "built from config"
+        definition = load_definition(text, source)
+        t0 = time.monotonic()
+        record = execute(definition, store=store, run_dir=run_dir, params=list(params or []),
+                         pipeline_name=name, keep_endpoint=keep_endpoint)
+    except DefinitionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    status = record["PipelineExecutionStatus"]
+    print(f"execution {record['PipelineExecutionId']}: {status} in {time.monotonic() - t0:.0f}s; "
+          f"record {run_dir / 'execution.json'}")
+    if status != "Succeeded":
+        if record.get("FailStepMessage") is not None:
+            print(f"FailStep: {record['FailStepMessage']}", file=sys.stderr)
+        else:
+            print(f"failed: {record.get('FailureReason')}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,497 @@
+"""One SageMaker training job, run here under the container contract.
+
+Each job gets an `/opt/ml`-shaped sandbox inside the run dir:
+
+  <job>/opt_ml/input/config/{hyperparameters,inputdataconfig,resourceconfig,debughookconfig}.json
+  <job>/opt_ml/input/data/<channel>   (the channel's S3 prefix in the local store)
+  <job>/opt_ml/code                   (sourcedir.tar.gz, extracted)
+  <job>/opt_ml/model, output/data, output/tensors, output/profiler, checkpoints
+
+and the SM_* environment and command line that `sagemaker-training` builds
+(sagemaker_training.environment / mapping): every hyperparameter value is
+json-decoded once, `sagemaker_*` keys are framework parameters, the rest become
+`--name value` in sorted order. The job's log is captured line by line, metrics
+are read with the job's own MetricDefinitions, model/ is packed into
+model.tar.gz at `<S3OutputPath>/<job>/output/model.tar.gz` in the store, and the
+result is returned in the shape of DescribeTrainingJob.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import psutil
+
+from pipeline.local.store import LocalStore
+from scripts.metrics import parse_metrics
+
+REGION = "local"
+ACCOUNT = "000000000000"
+HOST = "algo-1"
+TUNING_METRIC = "_tuning_objective_metric"
+
+
+# ---------------------------------------------------------------- small helpers
+
+def now_iso() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def write_json(path: Path, data: Any) -> Path:
+    """Atomic: readers see the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=1, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def read_json(path: Path, default: Any = None) -> Any:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        return default
+
+
+def arn(kind: str, name: str) -> str:
+    return f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:{kind}/{name.lower()}"
+
+
+def pack_dir(source: Path, store: LocalStore, uri: str) -> str:
+    """tar.gz a directory's content (like SageMaker's model.tar.gz) into the store, atomically."""
+    dest = store.path(uri)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
+    os.close(fd)
+    with tarfile.open(tmp, "w:gz") as tar:
+        for item in sorted(Path(source).iterdir()) if Path(source).exists() else []:
+            tar.add(item, arcname=item.name)
+    os.replace(tmp, dest)
+    return uri
+
+
+def extract_archive(archive: Path, dest: Path) -> None:
+    """Safe extraction: the 'data' filter refuses absolute paths, '..', links out and devices."""
+    dest.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(archive) as tar:
+        tar.extractall(dest, filter="data")
+
+
+def unquote(value: Any) -> Any:
+    """json-decode once, as sagemaker-training does; text that is not JSON stays text."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except (ValueError, TypeError):
+        return value
+
+
+def cmd_args(hyperparameters: dict[str, Any]) -> list[str]:
+    """sagemaker_training.mapping.to_cmd_args over the user hyperparameters."""
+    out = []
+    for key in sorted(hyperparameters):
+        value = hyperparameters[key]
+        out.append(f"--{key}" if len(key) > 1 else f"-{key}")
+        out.append(",".join(f"{k}={v}" for k, v in sorted(value.items())) if isinstance(value, dict)
+                   else "" if value is None else str(value))
+    return out
+
+
+def _env_value(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+class JobError(RuntimeError):
+    """The job request is malformed (missing source, channel, ...): a clear message, no traceback."""
+
+
+# ---------------------------------------------------------------- profiler
+
+class SystemSampler(threading.Thread):
+    """CPU / memory (and GPU when nvidia-smi answers) of the job's process tree,
+    every `interval_ms`, as JSON lines: what the Debugger system monitor records."""
+
+    def __init__(self, pid: int, path: Path, interval_ms: int = 500):
+        super().__init__(daemon=True)
+        self.pid, self.path, self.interval = pid, Path(path), max(interval_ms, 50) / 1000
+        self.stop_event = threading.Event()
+        self.samples = 0
+        self.gpu = shutil.which("nvidia-smi") is not None
+
+    def _gpu(self) -> dict:
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu,memory.used",
+                                  "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=2).stdout
+            util, mem = out.splitlines()[0].split(",")
+            return {"gpu_percent": float(util), "gpu_memory_mb": float(mem)}
+        except Exception:  # noqa: BLE001 - a GPU that will not answer is just not sampled
+            return {}
+
+    def run(self) -> None:
+        try:
+            root = psutil.Process(self.pid)
+        except psutil.Error:
+            return
+        procs: dict[int, psutil.Process] = {}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as f:
+            while not self.stop_event.is_set():
+                try:
+                    tree = [root] + root.children(recursive=True)
+                except psutil.Error:
+                    break
+                cpu = rss = 0.0
+                for p in tree:
+                    p = procs.setdefault(p.pid, p)  # keep the object so cpu_percent has a baseline
+                    try:
+                        cpu += p.cpu_percent(None)
+                        rss += p.memory_info().rss
+                    except psutil.Error:
+                        pass
+                sample = {"time": time.time(), "cpu_percent": round(cpu, 1), "memory_mb": round(rss / 2**20, 1),
+                          "system_cpu_percent": psutil.cpu_percent(None),
+                          "system_memory_percent": psutil.virtual_memory().percent}
+                if self.gpu:
+                    sample.update(self._gpu())
+                f.write(json.dumps(sample) + "\n")
+                f.flush()
+                self.samples += 1
+                self.stop_event.wait(self.interval)
+
+
+def profiler_summary(samples_path: Path) -> dict:
+    rows = [json.loads(line) for line in Path(samples_path).read_text().splitlines() if line.strip()] \
+        if Path(samples_path).exists() else []
+    if not rows:
+        return {"samples": 0}
+    def stats(key):
+        vals = [r[key] for r in rows if key in r]
+        return {"mean": round(sum(vals) / len(vals), 1), "max": round(max(vals), 1)} if vals else None
+    out = {"samples": len(rows), "seconds": round(rows[-1]["time"] - rows[0]["time"], 1),
+           "cpu_percent": stats("cpu_percent"), "memory_mb": stats("memory_mb")}
+    if any("gpu_percent" in r for r in rows):
+        out["gpu_percent"] = stats("gpu_percent")
+        out["gpu_memory_mb"] = stats("gpu_memory_mb")
+    return out
+
+
+# ---------------------------------------------------------------- the job
+
+def _set_pdeathsig() -> None:
+    """The job dies with the executor even when the executor is SIGKILLed (Linux)."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except Exception:  # noqa: BLE001 - not Linux: the executor's own cleanup still stops jobs
+        pass
+
+
+def _kill_tree(proc: subprocess.Popen, grace: float = 5.0) -> None:
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(grace)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+
+def _link_channel(store: LocalStore, channel: dict, dest: Path) -> None:
+    name = channel.get("ChannelName")
+    src = channel.get("DataSource", {}).get("S3DataSource", {})
+    uri = src.get("S3Uri")
+    if not name or not isinstance(uri, str):
+        raise JobError(f"InputDataConfig channel {channel!r}: needs ChannelName and DataSource.S3DataSource.S3Uri")
+    path = store.path(uri)
+    if not path.exists():
+        raise JobError(f"channel {name!r}: {uri} is not in the local store ({path}); "
+                       "put the data there (run_pipeline.py --local --prepare-data, or --data PATH)")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        dest.symlink_to(path, target_is_directory=True)
+    else:  # a single object: the channel dir holds that file
+        dest.mkdir()
+        (dest / path.name).symlink_to(path)
+
+
+def run_training_job(
+    name: str,
+    request: dict,
+    store: LocalStore,
+    job_dir: str | os.PathLike,
+    *,
+    on_line: Callable[[str], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    python: str = sys.executable,
+    extra_env: dict[str, str] | None = None,
+) -> dict:
+    """Run one training job described by a (resolved) CreateTrainingJob request.
+
+    Returns its DescribeTrainingJob. `on_line` sees every log line as it comes,
+    `should_stop` is polled (tuning early stopping): True stops the job (Stopped).
+    """
+    job_dir = Path(job_dir)
+    ml = job_dir / "opt_ml"
+    # a re-run of the same job starts clean, but keeps its checkpoints (spot-style resume)
+    for sub in ("input", "code", "model", "output"):
+        shutil.rmtree(ml / sub, ignore_errors=True)
+    cfg_dir, data_dir, code_dir = ml / "input" / "config", ml / "input" / "data", ml / "code"
+    model_dir, output_dir = ml / "model", ml / "output"
+    ckpt_dir = ml / "checkpoints"
+    for d in (cfg_dir, data_dir, code_dir, model_dir, output_dir / "data", ckpt_dir):
+        d.mkdir(parents=True, exist_ok=True)
+
+    created = now_iso()
+    hps_raw = {k: (v if isinstance(v, str) else json.dumps(v)) for k, v in (request.get("HyperParameters") or {}).items()}
+    hps = {k: unquote(v) for k, v in hps_raw.items()}
+    # sagemaker_* and the tuner's _tuning_objective_metric are the platform's, not the script's
+    framework = {k: v for k, v in hps.items() if k.startswith("sagemaker_") or k == TUNING_METRIC}
+    user_hps = {k: v for k, v in hps.items() if k not in framework}
+    algo = request.get("AlgorithmSpecification") or {}
+    resources = request.get("ResourceConfig") or request.get("HyperParameterTuningResourceConfig") or {}
+    instance_type = resources.get("InstanceType", "local")
+    channels = request.get("InputDataConfig") or []
+    out_path = (request.get("OutputDataConfig") or {}).get("S3OutputPath")
+    if not isinstance(out_path, str) or not out_path.startswith("s3://"):
+        raise JobError(f"job {name}: OutputDataConfig.S3OutputPath must be an s3:// URI, got {out_path!r}")
+    max_runtime = (request.get("StoppingCondition") or {}).get("MaxRuntimeInSeconds")
+
+    # -- the contract files
+    write_json(cfg_dir / "hyperparameters.json", hps_raw)
+    write_json(cfg_dir / "inputdataconfig.json", {
+        c["ChannelName"]: {"TrainingInputMode": c.get("InputMode", algo.get("TrainingInputMode", "File")),
+                           "S3DistributionType": c.get("DataSource", {}).get("S3DataSource", {}).get(
+                               "S3DataDistributionType", "FullyReplicated"),
+                           "RecordWrapperType": c.get("RecordWrapperType", "None")}
+        for c in channels if "ChannelName" in c})
+    resource_config = {"current_host": HOST, "current_instance_type": instance_type,
+                       "current_group_name": "homogeneousCluster", "hosts": [HOST],
+                       "instance_groups": [{"instance_group_name": "homogeneousCluster",
+                                            "instance_type": instance_type, "hosts": [HOST]}],
+                       "network_interface_name": "eth0"}
+    write_json(cfg_dir / "resourceconfig.json", resource_config)
+    for c in channels:
+        _link_channel(store, c, data_dir / c.get("ChannelName", "?"))
+    hook = request.get("DebugHookConfig")
+    if hook:
+        write_json(cfg_dir / "debughookconfig.json", {
+            "LocalPath": str(output_dir / "tensors"), "S3OutputPath": hook.get("S3OutputPath"),
+            "HookParameters": hook.get("HookParameters") or {},
+            "CollectionConfigurations": hook.get("CollectionConfigurations") or []})
+    profiler = request.get("ProfilerConfig") or {}
+    profiling = bool(profiler) and not profiler.get("DisableProfiler", False)
+    if profiling:
+        write_json(cfg_dir / "profilerconfig.json", {**profiler, "LocalPath": str(output_dir / "profiler")})
+
+    # -- the code: sagemaker_submit_directory (an S3 sourcedir.tar.gz) + sagemaker_program
+    program = framework.get("sagemaker_program")
+    submit = framework.get("sagemaker_submit_directory")
+    if not program:
+        raise JobError(f"job {name}: HyperParameters has no sagemaker_program (the entry point)")
+    if submit:
+        if not str(submit).startswith("s3://"):
+            raise JobError(f"job {name}: sagemaker_submit_directory must be an s3:// URI, got {submit!r}")
+        archive = store.path(submit)
+        if not archive.is_file():
+            raise JobError(f"job {name}: source archive {submit} is not in the local store ({archive})")
+        extract_archive(archive, code_dir)
+    entry = code_dir / program
+    if not entry.is_file():
+        raise JobError(f"job {name}: entry point {program!r} is not in the source archive {submit}")
+
+    # -- the SM_* environment (sagemaker_training.environment.Environment.to_env_vars)
+    channel_dirs = {c["ChannelName"]: str(data_dir / c["ChannelName"]) for c in channels}
+    env_map: dict[str, Any] = {
+        "hosts": [HOST], "current_host": HOST, "current_instance_type": instance_type,
+        "network_interface_name": "eth0", "hps": user_hps, "user_entry_point": program,
+        "framework_params": {k: v for k, v in framework.items()
+                             if k not in ("sagemaker_program", "sagemaker_submit_directory", "sagemaker_region",
+                                          "sagemaker_container_log_level", "sagemaker_job_name", TUNING_METRIC)},
+        "resource_config": resource_config, "input_data_config": read_json(cfg_dir / "inputdataconfig.json"),
+        "output_data_dir": str(output_dir / "data"), "channels": sorted(channel_dirs),
+        "module_name": Path(program).stem, "log_level": framework.get("sagemaker_container_log_level", 20),
+        "framework_module": "sagemaker_pytorch_container.training:main",
+        "input_dir": str(ml / "input"), "input_config_dir": str(cfg_dir), "output_dir": str(output_dir),
+        "num_cpus": os.cpu_count() or 1, "num_gpus": _num_gpus(), "num_neurons": 0,
+        "model_dir": str(model_dir), "module_dir": submit or str(code_dir),
+        "user_args": cmd_args(user_hps), "output_intermediate_dir": str(output_dir / "intermediate"),
+        "checkpoint_dir": str(ckpt_dir),
+    }
+    env_map.update({f"channel_{k}": v for k, v in channel_dirs.items()})
+    env_map.update({f"hp_{k}": v for k, v in user_hps.items()})
+    env_map["training_env"] = {k: v for k, v in env_map.items() if not k.startswith(("channel_", "hp_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_SECRET", "AWS_SESSION"))}
+    env.update({f"SM_{k.upper()}": _env_value(v) for k, v in env_map.items()})
+    env.update({"SAGEMAKER_PROGRAM": program, "SAGEMAKER_REGION": str(framework.get("sagemaker_region", REGION)),
+                "TRAINING_JOB_NAME": name, "TRAINING_JOB_ARN": arn("training-job", name),
+                "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join([str(code_dir)] + (
+                    [env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))})
+    if hook:
+        env["SMDEBUG_CONFIG_FILE_PATH"] = str(cfg_dir / "debughookconfig.json")
+    if profiling:
+        env["SMPROFILER_CONFIG_PATH"] = str(cfg_dir / "profilerconfig.json")
+    env.update(extra_env or {})
+    for key, value in (request.get("Environment") or {}).items():
+        env[key] = str(value)
+    command = ([python, str(entry)] if program.endswith(".py") else ["/bin/sh", str(entry)]) + cmd_args(user_hps)
+
+    # -- run it
+    log_path = job_dir / "job.log"
+    started = now_iso()
+    t0 = time.monotonic()
+    secondary = "Completed"
+    sampler = None
+    with open(log_path, "w") as log:
+        log.write(f"$ {' '.join(command)}\n")
+        log.flush()
+        proc = subprocess.Popen(command, cwd=code_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, bufsize=1, start_new_session=True, preexec_fn=_set_pdeathsig)
+        if profiling:
+            sampler = SystemSampler(proc.pid, output_dir / "profiler" / "system_metrics.jsonl",
+                                    int(profiler.get("ProfilingIntervalInMilliseconds", 500)))
+            sampler.start()
+        stop = threading.Event()
+
+        def watchdog():
+            nonlocal secondary
+            while not stop.wait(0.5):
+                if max_runtime and time.monotonic() - t0 > float(max_runtime):
+                    secondary = "MaxRuntimeExceeded"
+                elif should_stop is not None and should_stop():
+                    secondary = "Stopped"
+                else:
+                    continue
+                _kill_tree(proc)
+                return
+        watcher = threading.Thread(target=watchdog, daemon=True)
+        watcher.start()
+        try:
+            for line in proc.stdout:
+                log.write(line)
+                log.flush()
+                if on_line is not None:
+                    on_line(line.rstrip("\n"))
+            proc.wait()
+        finally:
+            stop.set()
+            _kill_tree(proc)  # Ctrl-C / kill of the executor: the job goes too
+            if sampler is not None:
+                sampler.stop_event.set()
+                sampler.join(2)
+    ended = now_iso()
+    seconds = int(round(time.monotonic() - t0))
+
+    log_text = log_path.read_text()
+    definitions = algo.get("MetricDefinitions") or []
+    series = parse_metrics(log_text, definitions) if definitions else {}
+    write_json(job_dir / "metrics.json", series)
+    final = []
+    for metric, values in series.items():
+        finite = [v for v in values if v == v]
+        if finite:
+            final.append({"MetricName": metric, "Value": finite[-1], "Timestamp": ended})
+
+    failure_kind = None
+    if secondary == "Completed" and proc.returncode != 0:
+        status, secondary = "Failed", "Failed"
+        failure_file = output_dir / "failure"
+        reason = failure_file.read_text().strip() if failure_file.exists() else ""
+        tail = " | ".join(log_text.strip().splitlines()[-5:])[-800:]
+        if proc.returncode < 0:
+            # killed from outside (OOM killer, a signal): the platform's fault, retryable
+            # under a SageMaker.JOB_INTERNAL_ERROR RetryPolicy
+            failure_kind = "JOB_INTERNAL_ERROR"
+            reason = reason or f"InternalServerError: the job's process was killed by signal {-proc.returncode}: {tail}"
+        reason = reason or f"AlgorithmError: exit code {proc.returncode}: {tail}"
+    elif secondary == "Completed":
+        status, reason = "Completed", None
+    else:
+        status = "Stopped"
+        reason = (f"MaxRuntimeExceeded: stopped after {max_runtime} s (StoppingCondition.MaxRuntimeInSeconds)"
+                  if secondary == "MaxRuntimeExceeded" else "Stopped by the tuning job (early stopping)")
+
+    # -- artifacts into the store, where AWS puts them
+    prefix = f"{out_path.rstrip('/')}/{name}"
+    model_uri = pack_dir(model_dir, store, f"{prefix}/output/model.tar.gz")
+    pack_dir(output_dir / "data", store, f"{prefix}/output/output.tar.gz")
+    if hook and (output_dir / "tensors").exists() and isinstance(hook.get("S3OutputPath"), str):
+        store.put_dir(f"{hook['S3OutputPath'].rstrip('/')}/{name}/debug-output", output_dir / "tensors")
+    profile = {}
+    if profiling:
+        profile = profiler_summary(output_dir / "profiler" / "system_metrics.jsonl")
+        write_json(output_dir / "profiler" / "system_summary.json", profile)
+        for extra in (output_dir / "data").glob("*profil*"):  # the job's own torch.profiler summary
+            if extra.is_file():
+                shutil.copy2(extra, output_dir / "profiler" / extra.name)
+        if isinstance(profiler.get("S3OutputPath"), str):
+            store.put_dir(f"{profiler['S3OutputPath'].rstrip('/')}/{name}/profiler-output", output_dir / "profiler")
+
+    describe = {
+        "TrainingJobName": name,
+        "TrainingJobArn": arn("training-job", name),
+        "TrainingJobStatus": status,
+        "SecondaryStatus": secondary,
+        "HyperParameters": hps_raw,
+        "AlgorithmSpecification": algo,
+        "RoleArn": request.get("RoleArn"),
+        "InputDataConfig": channels,
+        "OutputDataConfig": request.get("OutputDataConfig"),
+        "ResourceConfig": resources,
+        "StoppingCondition": request.get("StoppingCondition") or {},
+        "CreationTime": created, "TrainingStartTime": started, "TrainingEndTime": ended,
+        "LastModifiedTime": ended,
+        "TrainingTimeInSeconds": seconds, "BillableTimeInSeconds": seconds,
+        "ModelArtifacts": {"S3ModelArtifacts": model_uri},
+        "FinalMetricDataList": final,
+        "SecondaryStatusTransitions": [
+            {"Status": "Starting", "StartTime": created, "EndTime": started},
+            {"Status": "Training", "StartTime": started, "EndTime": ended},
+            {"Status": secondary, "StartTime": ended, "EndTime": ended}],
+        "Environment": request.get("Environment") or {},
+        "EnableNetworkIsolation": False,
+    }
+    if reason:
+        describe["FailureReason"] = reason
+    if failure_kind:
+        describe["LocalFailureKind"] = failure_kind
+    for key in ("DebugHookConfig", "DebugRuleConfigurations", "ProfilerConfig", "ProfilerRuleConfigurations",
+                "CheckpointConfig", "TensorBoardOutputConfig", "ExperimentConfig"):
+        if request.get(key) is not None:
+            describe[key] = request[key]
+    if profiling:
+        describe["ProfilingStatus"] = "Enabled"
+        describe["ProfilerSummary"] = profile  # local extension: the sampled CPU/memory
+    describe["LocalJobDir"] = str(job_dir)  # local extension: where the sandbox and log are
+    return describe
+
+
+def _num_gpus() -> int:
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=5).stdout
+        return sum(1 for line in out.splitlines() if line.startswith("GPU"))
+    except (OSError, subprocess.SubprocessError):
+        return 0

@@ -1,0 +1,291 @@
+"""A hyperparameter tuning job, run here: Optuna over the definition's ParameterRanges.
+
+The request is the Tuning step's resolved Arguments (CreateHyperParameterTuningJob):
+HyperParameterTuningJobConfig (Strategy, ResourceLimits, ParameterRanges, objective,
+TrainingJobEarlyStoppingType, RandomSeed) and TrainingJobDefinition (static
+hyperparameters, image/metric definitions, channels, output path, stopping condition).
+Each trial is a training job (jobs.run_training_job) named like AWS names them,
+`<tuning job>-<NNN>-<8 hex>`, with the tuned values merged over the static ones and
+`_tuning_objective_metric` added, as AWS does. Up to MaxParallelTrainingJobs run at
+once. Early stopping ("Auto") is Optuna's median rule over the objective's
+intermediate values in the trial's log. Finished trials are recorded (trials.json,
+atomically) so an interrupted tuning job resumes without redoing them.
+The result is DescribeHyperParameterTuningJob plus TrainingJobSummaries (best first).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable
+
+import optuna
+
+from pipeline.local.jobs import TUNING_METRIC, arn, now_iso, read_json, run_training_job, write_json
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+class TuningError(ValueError):
+    pass
+
+
+# ---------------------------------------------------------------- ranges
+
+def _num(value: Any, where: str) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise TuningError(f"{where}: {value!r} is not a number") from None
+
+
+def distributions(ranges: dict) -> dict[str, optuna.distributions.BaseDistribution]:
+    """ParameterRanges -> Optuna distributions. ReverseLogarithmic samples 1-x on a log scale
+    (see `to_hyperparameter`)."""
+    out: dict[str, optuna.distributions.BaseDistribution] = {}
+    known = {"ContinuousParameterRanges", "IntegerParameterRanges", "CategoricalParameterRanges",
+             "AutoParameters"}
+    unknown = sorted(set(ranges or {}) - known)
+    if unknown:
+        raise TuningError(f"ParameterRanges: unknown keys {unknown}; known: {sorted(known)}")
+    for r in (ranges or {}).get("ContinuousParameterRanges", []):
+        where = f"ContinuousParameterRanges[{r.get('Name')}]"
+        lo, hi = _num(r.get("MinValue"), where + ".MinValue"), _num(r.get("MaxValue"), where + ".MaxValue")
+        if lo > hi:
+            raise TuningError(f"{where}: MinValue {lo} > MaxValue {hi}")
+        scaling = r.get("ScalingType", "Auto")
+        if scaling == "Logarithmic":
+            if lo <= 0:
+                raise TuningError(f"{where}: Logarithmic scaling needs MinValue > 0")
+            out[r["Name"]] = optuna.distributions.FloatDistribution(lo, hi, log=True)
+        elif scaling == "ReverseLogarithmic":
+            if not (0 <= lo and hi < 1):
+                raise TuningError(f"{where}: ReverseLogarithmic scaling needs 0 <= MinValue, MaxValue < 1")
+            out[r["Name"]] = optuna.distributions.FloatDistribution(1 - hi, 1 - lo, log=True)
+        elif scaling in ("Auto", "Linear"):
+            out[r["Name"]] = optuna.distributions.FloatDistribution(lo, hi)
+        else:
+            raise TuningError(f"{where}: ScalingType {scaling!r}; valid: Auto, Linear, Logarithmic, ReverseLogarithmic")
+    for r in (ranges or {}).get("IntegerParameterRanges", []):
+        where = f"IntegerParameterRanges[{r.get('Name')}]"
+        lo, hi = int(_num(r.get("MinValue"), where)), int(_num(r.get("MaxValue"), where))
+        if lo > hi:
+            raise TuningError(f"{where}: MinValue {lo} > MaxValue {hi}")
+        out[r["Name"]] = optuna.distributions.IntDistribution(lo, hi, log=r.get("ScalingType") == "Logarithmic")
+    for r in (ranges or {}).get("CategoricalParameterRanges", []):
+        values = r.get("Values") or []
+        if not values:
+            raise TuningError(f"CategoricalParameterRanges[{r.get('Name')}]: Values is empty")
+        out[r["Name"]] = optuna.distributions.CategoricalDistribution(list(values))
+    if not out:
+        raise TuningError("ParameterRanges: no ranges to tune")
+    return out
+
+
+def _reverse_log_names(ranges: dict) -> set[str]:
+    return {r["Name"] for r in (ranges or {}).get("ContinuousParameterRanges", [])
+            if r.get("ScalingType") == "ReverseLogarithmic"}
+
+
+def to_hyperparameter(name: str, value: Any, reverse_log: set[str]) -> str:
+    """How the chosen value is written into the trial's HyperParameters (strings, as AWS)."""
+    if name in reverse_log:
+        value = 1 - value
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
+# ---------------------------------------------------------------- the tuning job
+
+def run_tuning_job(
+    name: str,
+    request: dict,
+    store,
+    step_dir: str | Path,
+    *,
+    progress: Callable[[str], None] = print,
+    run_job: Callable[..., dict] = run_training_job,
+) -> dict:
+    step_dir = Path(step_dir)
+    cfg = request.get("HyperParameterTuningJobConfig")
+    tjd = request.get("TrainingJobDefinition") or (request.get("TrainingJobDefinitions") or [None])[0]
+    if not cfg or not tjd:
+        raise TuningError("Tuning step Arguments need HyperParameterTuningJobConfig and TrainingJobDefinition")
+    limits = cfg.get("ResourceLimits") or {}
+    max_jobs = int(limits.get("MaxNumberOfTrainingJobs", 1))
+    max_parallel = max(1, int(limits.get("MaxParallelTrainingJobs", 1)))
+    objective = cfg.get("HyperParameterTuningJobObjective") or {}
+    metric, direction = objective.get("MetricName"), objective.get("Type", "Maximize")
+    if direction not in ("Maximize", "Minimize"):
+        raise TuningError(f"HyperParameterTuningJobObjective.Type {direction!r}; valid: Maximize, Minimize")
+    ranges = cfg.get("ParameterRanges") or {}
+    dists = distributions(ranges)
+    reverse_log = _reverse_log_names(ranges)
+    algo = tjd.get("AlgorithmSpecification") or {}
+    defs = {d["Name"]: re.compile(d["Regex"]) for d in algo.get("MetricDefinitions") or []}
+    if metric not in defs:
+        raise TuningError(f"objective metric {metric!r} has no MetricDefinitions regex "
+                          f"(have {sorted(defs)})")
+    early = cfg.get("TrainingJobEarlyStoppingType", "Off") == "Auto"
+    seed = int(cfg.get("RandomSeed", 0))
+    strategy = cfg.get("Strategy", "Bayesian")
+    sampler = optuna.samplers.RandomSampler(seed=seed) if strategy == "Random" else \
+        optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(1, min(10, max_jobs // 2)))
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=max(1, max_parallel), n_warmup_steps=1) if early \
+        else optuna.pruners.NopPruner()
+    study = optuna.create_study(direction=direction.lower(), sampler=sampler, pruner=pruner)
+
+    record_path = step_dir / "trials.json"
+    done: list[dict] = read_json(record_path, default=[]) or []
+    for t in done:  # resume: the finished trials teach the sampler again, nothing re-runs
+        params = {k: v for k, v in t["params"].items() if k in dists}
+        if len(params) != len(dists) or not all(dists[k]._contains(dists[k].to_internal_repr(v))
+                                                 for k, v in params.items()):
+            continue  # the ranges were edited since: that trial no longer belongs to this search
+        state = optuna.trial.TrialState.COMPLETE if t["objective"] is not None else optuna.trial.TrialState.FAIL
+        study.add_trial(optuna.trial.create_trial(params=params, distributions={k: dists[k] for k in params},
+                                                  value=t["objective"] if state.name == "COMPLETE" else None,
+                                                  state=state))
+    if done:
+        progress(f"  resuming: {len(done)}/{max_jobs} trials already finished")
+
+    lock = threading.Lock()
+    started = now_iso()
+    t_start = time.monotonic()
+    static = dict(tjd.get("StaticHyperParameters") or {})
+    static[TUNING_METRIC] = json.dumps(metric)
+
+    def trial_name(index: int, params: dict) -> str:
+        digest = hashlib.sha1(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:8]
+        return f"{name[:32]}-{index:03d}-{digest}"
+
+    def one(index: int) -> None:
+        with lock:
+            trial = study.ask(dists)
+        params = dict(trial.params)
+        job = trial_name(index, params)
+        tuned = {k: to_hyperparameter(k, v, reverse_log) for k, v in params.items()}
+        shown = " ".join(f"{k}={json.loads(v) if v.startswith(chr(34)) else v}" for k, v in tuned.items())
+        progress(f"  trial {index}/{max_jobs} {job} started: {shown}")
+        intermediate: list[float] = []
+        epoch_re = re.compile(r"^epoch (\d+)/(\d+)")
+
+        def on_line(line: str) -> None:
+            m = defs[metric].search(line)
+            if m:
+                try:
+                    value = float(m.group(1))
+                except ValueError:
+                    return
+                if math.isfinite(value):
+                    intermediate.append(value)
+                    with lock:
+                        trial.report(value, len(intermediate))
+            e = epoch_re.match(line)
+            if e:
+                progress(f"    trial {index} epoch {e.group(1)}/{e.group(2)}: {line[e.end():].strip()[:100]}")
+
+        def should_stop() -> bool:
+            with lock:
+                return early and len(intermediate) > 0 and trial.should_prune()
+
+        job_request = {**tjd, "HyperParameters": {**static, **tuned}}
+        job_request.pop("StaticHyperParameters", None)
+        job_request.pop("HyperParameterRanges", None)
+        if "HyperParameterTuningResourceConfig" in job_request and "ResourceConfig" not in job_request:
+            job_request["ResourceConfig"] = job_request.pop("HyperParameterTuningResourceConfig")
+        t0 = time.monotonic()
+        try:
+            describe = run_job(job, job_request, store, step_dir / "trials" / job,
+                               on_line=on_line, should_stop=should_stop)
+        except Exception as e:  # noqa: BLE001 - a trial that cannot start is a failed trial
+            describe = {"TrainingJobName": job, "TrainingJobArn": arn("training-job", job),
+                        "TrainingJobStatus": "Failed", "FailureReason": f"{type(e).__name__}: {e}",
+                        "CreationTime": now_iso(), "TrainingEndTime": now_iso(), "FinalMetricDataList": []}
+        final = {m["MetricName"]: m["Value"] for m in describe.get("FinalMetricDataList", [])}
+        value = final.get(metric)
+        status = describe["TrainingJobStatus"]
+        if status == "Failed" or value is None or not math.isfinite(value):
+            value = None
+        with lock:
+            if value is not None and status == "Completed":
+                study.tell(trial, value)
+            elif value is not None:  # stopped early: its last objective value still counts, as on AWS
+                study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            else:
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            done.append({"index": index, "name": job, "params": params, "hyperparameters": tuned,
+                         "status": status, "objective": value, "failure": describe.get("FailureReason"),
+                         "seconds": round(time.monotonic() - t0, 1), "intermediate": intermediate,
+                         "describe": describe})
+            done.sort(key=lambda t: t["index"])
+            write_json(record_path, done)
+        shown_value = "n/a" if value is None else f"{value:.4g}"
+        progress(f"  trial {index}/{max_jobs} {job} {status}: {metric}={shown_value} "
+                 f"({time.monotonic() - t0:.0f}s){'  ' + describe['FailureReason'][:160] if describe.get('FailureReason') else ''}")
+
+    todo = [i for i in range(1, max_jobs + 1) if i not in {t["index"] for t in done}]
+    with ThreadPoolExecutor(max_workers=max_parallel) as pool:
+        for f in [pool.submit(one, i) for i in todo]:
+            f.result()
+
+    return describe_tuning_job(name, request, done, metric, direction, started, time.monotonic() - t_start)
+
+
+def describe_tuning_job(name: str, request: dict, trials: list[dict], metric: str, direction: str,
+                        started: str, seconds: float) -> dict:
+    def summary(t: dict) -> dict:
+        d = t["describe"]
+        s = {"TrainingJobName": t["name"], "TrainingJobArn": arn("training-job", t["name"]),
+             "CreationTime": d.get("CreationTime"), "TrainingStartTime": d.get("TrainingStartTime"),
+             "TrainingEndTime": d.get("TrainingEndTime"), "TrainingJobStatus": t["status"],
+             "TunedHyperParameters": t["hyperparameters"],
+             "ObjectiveStatus": "Succeeded" if t["objective"] is not None else "Failed"}
+        if t["objective"] is not None:
+            s["FinalHyperParameterTuningJobObjectiveMetric"] = {"Type": direction, "MetricName": metric,
+                                                                "Value": t["objective"]}
+        if t.get("failure"):
+            s["FailureReason"] = t["failure"]
+        return s
+
+    scored = [t for t in trials if t["objective"] is not None]
+    scored.sort(key=lambda t: t["objective"], reverse=(direction == "Maximize"))
+    summaries = [summary(t) for t in scored] + [summary(t) for t in trials if t["objective"] is None]
+    counts = {"Completed": 0, "InProgress": 0, "RetryableError": 0, "NonRetryableError": 0, "Stopped": 0}
+    for t in trials:
+        counts[{"Completed": "Completed", "Stopped": "Stopped"}.get(t["status"], "NonRetryableError")] += 1
+    out = {
+        "HyperParameterTuningJobName": name,
+        "HyperParameterTuningJobArn": arn("hyper-parameter-tuning-job", name),
+        "HyperParameterTuningJobConfig": request.get("HyperParameterTuningJobConfig"),
+        "TrainingJobDefinition": request.get("TrainingJobDefinition"),
+        "HyperParameterTuningJobStatus": "Completed" if scored else "Failed",
+        "CreationTime": started, "HyperParameterTuningEndTime": now_iso(), "LastModifiedTime": now_iso(),
+        "TrainingJobStatusCounters": counts,
+        "ObjectiveStatusCounters": {"Succeeded": len(scored), "Pending": 0, "Failed": len(trials) - len(scored)},
+        "ConsumedResources": {"RuntimeInSeconds": int(seconds)},
+        "TrainingJobSummaries": summaries,  # ListTrainingJobsForHyperParameterTuningJob, best first
+    }
+    if scored:
+        out["BestTrainingJob"] = summaries[0]
+    else:
+        reasons = "; ".join(f"{t['name']}: {t.get('failure') or 'no objective metric ' + repr(metric)}"
+                            for t in trials)[:1000]
+        out["FailureReason"] = f"No training job succeeded with an objective metric: {reasons}"
+    return out
+
+
+def leaderboard(describe: dict) -> list[dict]:
+    """Rows for the report: rank, job, objective, status, hyperparameters."""
+    rows = []
+    for rank, s in enumerate(describe.get("TrainingJobSummaries", []), start=1):
+        obj = s.get("FinalHyperParameterTuningJobObjectiveMetric", {}).get("Value")
+        rows.append({"rank": rank, "job": s["TrainingJobName"], "objective": obj, "status": s["TrainingJobStatus"],
+                     "hyperparameters": {k: v for k, v in s["TunedHyperParameters"].items()}})
+    return rows

@@ -1,0 +1,216 @@
+"""SageMaker PyTorch inference handlers: image in, breed probabilities out.
+
+The serving container (and our local server, pipeline/serve.py) imports this
+file from the model's code/ dir and calls, per request:
+
+    model = model_fn(model_dir)                  once, at start-up
+    data = input_fn(body, content_type)          decode + validate
+    prediction = predict_fn(data, model)         preprocess + forward
+    body, type = output_fn(prediction, accept)   serialise
+
+Requests:
+  image/jpeg, image/png, application/x-image   one image (the raw file)
+  application/json  {"instances": [{"b64": "<base64 image file>"}, ...]}   a batch
+
+Answers (application/json), one object per image:
+  {"probabilities": [one float per class, in model.json class order],
+   "top": [{"index": 4, "label": "Alaskan malamute", "probability": 0.93}, ... 5]}
+A single image answers that object; a JSON request answers
+{"predictions": [object, ...]} in instance order, even for one instance: the
+shape of the answer follows the shape of the request.
+
+Bad input raises InferenceError(status, message): the inference toolkit (and
+our server) turn its status into the HTTP status and its message into the body.
+
+Handlers exchange plain data so that a server may batch several requests into
+one forward pass: input_fn returns {"images": [PIL RGB images], "batch": bool},
+predict_fn returns {"probabilities": Tensor[N, classes], "labels": [...],
+"batch": bool} row-aligned with "images".
+
+Nothing here imports the host's pipeline/: this file runs inside the container.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import importlib.util
+import io
+import json
+import os
+import sys
+from http import HTTPStatus
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torchvision import transforms
+
+IMAGE_TYPES = ("image/jpeg", "image/png", "application/x-image")
+JSON_TYPE = "application/json"
+ACCEPTED_INPUTS = ", ".join(IMAGE_TYPES + (JSON_TYPE + ' {"instances": [{"b64": ...}]}',))
+TOP_K = 5
+# Decompression-bomb guard: total decoded pixels per request (a 6 MB PNG can
+# hold gigapixels of one colour). 40 MP = four 10-megapixel photos.
+MAX_PIXELS = int(os.environ.get("INFERENCE_MAX_PIXELS", 40_000_000))
+MAX_INSTANCES = int(os.environ.get("INFERENCE_MAX_INSTANCES", 64))
+
+try:  # the toolkit turns its own error type into the HTTP status and message
+    from sagemaker_inference.errors import GenericInferenceToolkitError as _ToolkitError
+except ImportError:  # outside the container: same shape, no dependency
+    class _ToolkitError(Exception):
+        def __init__(self, status_code, message=None, phrase=None):
+            self.status_code, self.message, self.phrase = status_code, message, phrase
+            super().__init__(status_code, message, phrase)
+
+
+class InferenceError(_ToolkitError):
+    """A request the handlers refuse: `status_code` (4xx) and a message for the caller."""
+
+    def __init__(self, status_code: int, message: str):
+        # phrase becomes the HTTP reason phrase in the toolkit: keep it short
+        super().__init__(int(status_code), message, HTTPStatus(status_code).phrase)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _load_modeling():
+    """modeling.py ships next to this file in code/: load that very file, whatever
+    else is on sys.path (the container puts code/ on it; tests and our server may not)."""
+    path = Path(__file__).resolve().with_name("modeling.py")
+    loaded = sys.modules.get("modeling")
+    if loaded is not None and getattr(loaded, "__file__", None) and Path(loaded.__file__).resolve() == path:
+        return loaded
+    if not path.is_file():
+        raise ImportError(f"{path} is missing: the model's code/ dir must hold modeling.py next to inference.py")
+    name = "modeling" if loaded is None else f"_modeling_{abs(hash(str(path)))}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+modeling = _load_modeling()
+
+
+def eval_transform(meta: dict) -> transforms.Compose:
+    """The evaluation transform of training: resize the short side, centre crop, normalise."""
+    return transforms.Compose([
+        transforms.Resize(int(meta["resize_size"]), interpolation=transforms.InterpolationMode.BILINEAR, antialias=True),
+        transforms.CenterCrop(int(meta["image_size"])),
+        transforms.ToTensor(),
+        transforms.Normalize(meta.get("mean", modeling.IMAGENET_MEAN), meta.get("std", modeling.IMAGENET_STD)),
+    ])
+
+
+def model_fn(model_dir: str) -> dict:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    net, meta = modeling.load_model(model_dir, device=device)
+    net = net.to(memory_format=torch.channels_last).eval()
+    labels = list(meta.get("labels") or [modeling.breed_label(c) for c in meta["classes"]])
+    return {"net": net, "meta": meta, "labels": labels, "transform": eval_transform(meta), "device": device}
+
+
+def _media_type(header: str | None) -> str:
+    return (header or "").split(";", 1)[0].strip().lower()
+
+
+def _decode_image(raw: bytes, what: str, pixel_budget: int) -> Image.Image:
+    if not raw:
+        raise InferenceError(400, f"{what} is empty: send a JPEG or PNG file")
+    try:
+        image = Image.open(io.BytesIO(raw))  # reads the header only
+        width, height = image.size
+        if width * height > pixel_budget:
+            raise InferenceError(413, f"{what} is {width}x{height} pixels: over the limit of {MAX_PIXELS} "
+                                      f"pixels per request (INFERENCE_MAX_PIXELS); send a smaller image")
+        image = ImageOps.exif_transpose(image)
+        image.load()  # decodes: a truncated file fails here
+    except InferenceError:
+        raise
+    except Image.DecompressionBombError as err:
+        raise InferenceError(413, f"{what}: {err} Send a smaller image: at most {MAX_PIXELS} pixels "
+                                  f"per request (INFERENCE_MAX_PIXELS)") from err
+    except UnidentifiedImageError as err:
+        raise InferenceError(400, f"{what} is not an image PIL can read ({len(raw)} bytes): "
+                                  f"send a JPEG or PNG file") from err
+    except (OSError, SyntaxError, ValueError, EOFError) as err:
+        raise InferenceError(400, f"{what} is truncated or corrupt ({err}): send the complete image file") from err
+    return _to_rgb(image)
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16-bit/float greyscale: rescale, don't clip
+        image = image.convert("F")
+        lo, hi = image.getextrema()
+        image = image.point(lambda v: (v - lo) * 255.0 / ((hi - lo) or 1.0)).convert("L")
+    return image.convert("RGB")  # same as torchvision's ImageFolder loader used in training
+
+
+def _decode_json(body: bytes | str) -> list[bytes]:
+    try:
+        payload = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise InferenceError(400, f"body is not valid JSON ({err}): send {{\"instances\": [{{\"b64\": \"...\"}}]}}") from err
+    instances = payload.get("instances") if isinstance(payload, dict) else None
+    if not isinstance(instances, list) or not instances:
+        raise InferenceError(400, 'JSON body needs a non-empty "instances" list: {"instances": [{"b64": "<base64 JPEG or PNG>"}]}')
+    if len(instances) > MAX_INSTANCES:
+        raise InferenceError(413, f'"instances" holds {len(instances)} images: at most {MAX_INSTANCES} per request')
+    files = []
+    for i, instance in enumerate(instances):
+        encoded = instance.get("b64") if isinstance(instance, dict) else None
+        if not isinstance(encoded, str):
+            raise InferenceError(400, f'instances[{i}] must be {{"b64": "<base64 JPEG or PNG>"}}, got {type(instance).__name__}'
+                                      + (f" with keys {sorted(instance)}" if isinstance(instance, dict) else ""))
+        try:
+            files.append(base64.b64decode(encoded, validate=True))
+        except (binascii.Error, ValueError) as err:
+            raise InferenceError(400, f"instances[{i}].b64 is not valid base64 ({err})") from err
+    return files
+
+
+def input_fn(request_body: bytes | str, content_type: str | None) -> dict:
+    media = _media_type(content_type)
+    if media in IMAGE_TYPES:
+        if isinstance(request_body, str):  # only if a server decoded it: not an image anyway
+            request_body = request_body.encode("utf-8")
+        return {"images": [_decode_image(request_body, "image", MAX_PIXELS)], "batch": False}
+    if media == JSON_TYPE:
+        images, budget = [], MAX_PIXELS
+        for i, raw in enumerate(_decode_json(request_body)):
+            image = _decode_image(raw, f"instances[{i}]", budget)
+            budget -= image.width * image.height
+            images.append(image)
+        return {"images": images, "batch": True}
+    raise InferenceError(415, f"Content-Type {content_type!r} is not supported: send one of {ACCEPTED_INPUTS}")
+
+
+def predict_fn(data: dict, model: dict) -> dict:
+    pixels = torch.stack([model["transform"](image) for image in data["images"]])
+    pixels = pixels.to(model["device"], memory_format=torch.channels_last)
+    with torch.inference_mode():
+        probabilities = model["net"](pixels).float().softmax(dim=1).cpu()
+    return {"probabilities": probabilities, "labels": model["labels"], "batch": data["batch"]}
+
+
+def _accepts_json(accept: str | None) -> bool:
+    if not accept:
+        return True
+    return any(_media_type(part) in (JSON_TYPE, "application/*", "*/*") for part in accept.split(","))
+
+
+def _describe(row: torch.Tensor, labels: list[str]) -> dict:
+    top = row.topk(min(TOP_K, row.numel()))
+    return {"probabilities": row.tolist(),
+            "top": [{"index": int(i), "label": labels[int(i)], "probability": float(p)}
+                    for p, i in zip(top.values, top.indices)]}
+
+
+def output_fn(prediction: dict, accept: str | None) -> tuple[str, str]:
+    if not _accepts_json(accept):
+        raise InferenceError(406, f"Accept {accept!r} is not supported: answers are {JSON_TYPE}")
+    answers = [_describe(row, prediction["labels"]) for row in prediction["probabilities"]]
+    body = {"predictions": answers} if prediction["batch"] else answers[0]
+    return json.dumps(body), JSON_TYPE

@@ -1,0 +1,821 @@
+"""The one training loop behind hpo.py and train_model.py.
+
+Runs inside SageMaker's PyTorch training containers (torch 2.6+) and anywhere
+else: every path has a CLI flag, with SageMaker's environment as the default.
+Sections: arguments, data, model and optimiser, loop, checkpoints, outputs, main.
+Imports nothing of the host (pipeline/, steps/): this folder ships on its own.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from PIL import Image, ImageFile
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torchvision import transforms
+
+import metrics
+import modeling
+
+# dogImages holds one truncated JPEG (train/098.Leonberger/Leonberger_06571.jpg).
+ImageFile.LOAD_TRUNCATED_IMAGES = True
+
+SCRIPTS_DIR = Path(__file__).resolve().parent
+SPLITS = ("train", "valid", "test")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+CHECKPOINT_FILE = "checkpoint.pt"
+# Files that make the model dir a deployable model.tar.gz (SAGEMAKER_PROGRAM=inference.py).
+CODE_FILES = ("inference.py", "modeling.py")
+INFERENCE_REQUIREMENTS = "requirements-inference.txt"
+
+
+class InputError(ValueError):
+    """Bad input from the user (flag, channel, data): printed without a traceback."""
+
+
+def log(message: str, rank: int = 0) -> None:
+    if rank == 0:
+        print(message, flush=True)
+
+
+# ----------------------------------------------------------------------------- arguments
+
+def unquote(text: str) -> str:
+    """`'"64"'` -> `'64'`: values read through pipeline step properties arrive JSON-encoded."""
+    text = text.strip()
+    while len(text) >= 2 and text[0] == text[-1] == '"':
+        try:
+            decoded = json.loads(text)
+        except ValueError:
+            break
+        text = str(decoded).strip()
+    return text
+
+
+def parse_bool(text: str) -> bool:
+    value = unquote(str(text)).lower()
+    if value in ("true", "1", "yes", "on"):
+        return True
+    if value in ("false", "0", "no", "off", ""):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not a boolean (true/false)")
+
+
+def _int(text: str) -> int:
+    value = unquote(text)
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not number.is_integer():
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer")
+    return int(number)
+
+
+def _float(text: str) -> float:
+    try:
+        return float(unquote(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+
+
+def _str(text: str) -> str:
+    return unquote(text)
+
+
+def _env(*names: str, default: str | None = None) -> str | None:
+    for name in names:
+        if os.environ.get(name):
+            return os.environ[name]
+    return default
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    # allow_abbrev=False: SageMaker appends its own --sagemaker_* flags, and a
+    # prefix must never silently bind to one of ours.
+    p = argparse.ArgumentParser(prog=prog, allow_abbrev=False, description=__doc__)
+
+    def add(flag: str, **kw) -> None:
+        names = [flag]
+        if "-" in flag[2:]:  # accept --batch_size as well as --batch-size
+            names.append("--" + flag[2:].replace("-", "_"))
+        p.add_argument(*names, **kw)
+
+    hp = p.add_argument_group("hyperparameters")
+    add("--lr", type=_float, default=0.01, help="peak learning rate (SGD momentum 0.9)")
+    add("--batch-size", type=_int, default=64, help="training batch size per process")
+    add("--test-batch-size", type=_int, default=256, help="evaluation batch size per process")
+    add("--epochs", type=_int, default=8)
+    add("--arch", type=_str, default="resnet50", help="any torchvision classification model")
+    add("--weights", type=_str, default="imagenet",
+        help="imagenet | none | path to a state_dict (a relative path is also looked up in the channels)")
+    add("--image-size", type=_int, default=224, help="crop size for training and evaluation")
+    add("--resize-size", type=_int, default=None, help="eval resize (default: the weights' preset, scaled)")
+    add("--freeze-epochs", type=_int, default=1, help="head-only warm-up epochs before unfreezing")
+    add("--label-smoothing", type=_float, default=0.1)
+    add("--lr-warmup-epochs", type=_float, default=1.0, help="linear warm-up after unfreezing")
+    add("--min-lr-ratio", type=_float, default=0.01, help="cosine floor as a fraction of --lr")
+    add("--weight-decay", type=_float, default=1e-4, help="on weights only, not on norms or biases")
+    add("--momentum", type=_float, default=0.9)
+    add("--patience", type=_int, default=3, help="early stopping on validation loss; 0 = off")
+    add("--seed", type=_int, default=42)
+    add("--num-workers", type=_int, default=None, help="DataLoader workers per process (default: from CPU count)")
+    add("--amp", type=_str, default="auto", choices=("auto", "true", "false"), help="mixed precision (CUDA only)")
+    add("--channels-last", type=_str, default="auto", choices=("auto", "true", "false"),
+        help="channels_last memory format (auto: on CUDA)")
+    add("--max-steps-per-epoch", type=_int, default=0, help="cap training steps per epoch; 0 = all")
+    add("--log-interval", type=_float, default=60.0, help="seconds between progress lines within an epoch")
+
+    paths = p.add_argument_group("paths (default: SageMaker's environment)")
+    add("--data-dir", type=_str, default=_env("SM_CHANNEL_TRAINING"), help="holds train/ valid/ test/")
+    add("--train", type=_str, default=_env("SM_CHANNEL_TRAIN"))
+    add("--valid", type=_str, default=_env("SM_CHANNEL_VALID", "SM_CHANNEL_VALIDATION"))
+    add("--test", type=_str, default=_env("SM_CHANNEL_TEST"))
+    add("--model-dir", type=_str, default=_env("SM_MODEL_DIR", default="model"))
+    add("--output-data-dir", type=_str, default=_env("SM_OUTPUT_DATA_DIR", default="output"))
+    add("--checkpoint-dir", type=_str, default=_env("SM_CHECKPOINT_DIR", default="/opt/ml/checkpoints"),
+        help="per-epoch checkpoint; a restarted job resumes from it (spot)")
+    return p
+
+
+def parse_args(argv: list[str] | None = None, prog: str | None = None,
+               extend=None) -> argparse.Namespace:
+    """Known flags decoded; unknown ones (SageMaker's own sagemaker_* ...) logged and ignored.
+
+    extend: a function adding an entry point's own flags to the parser.
+    """
+    parser = build_parser(prog)
+    if extend:
+        extend(parser)
+    args, unknown = parser.parse_known_args(argv)
+    names = [u.split("=", 1)[0] for u in unknown if u.startswith("--")]
+    ours = [n for n in names if not n.startswith("--sagemaker_")]
+    if names and _rank() == 0:
+        print(f"ignoring arguments this script does not use: {' '.join(names)}", flush=True)
+        if ours:
+            print(f"warning: {' '.join(ours)} not a known flag (typo?); see --help", file=sys.stderr, flush=True)
+    if args.epochs < 1:
+        parser.error(f"--epochs must be >= 1, got {args.epochs}")
+    for flag in ("batch_size", "test_batch_size", "image_size"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if not args.lr > 0:
+        parser.error(f"--lr must be > 0, got {args.lr}")
+    if not 0 <= args.label_smoothing < 1:
+        parser.error(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")
+    return args
+
+
+# ----------------------------------------------------------------------------- distributed
+
+@dataclass
+class Dist:
+    rank: int = 0
+    local_rank: int = 0
+    world: int = 1
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", 0))
+
+
+def setup_distributed() -> tuple[Dist, torch.device]:
+    """torchrun / SageMaker torch_distributed set WORLD_SIZE, RANK, LOCAL_RANK."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Dist(rank=_rank(), local_rank=local_rank, world=world), device
+
+
+def all_reduce_sum(tensor: torch.Tensor, d: Dist) -> torch.Tensor:
+    if d.enabled:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+# ----------------------------------------------------------------------------- data
+
+def _split_dir(root: Path, split: str) -> Path | None:
+    """root/split, or root/<one folder>/split (a zip extracted with its top folder)."""
+    if (root / split).is_dir():
+        return root / split
+    nested = sorted(root.glob(f"*/{split}"))
+    return nested[0] if len(nested) == 1 and nested[0].is_dir() else None
+
+
+def data_dirs(args: argparse.Namespace) -> dict[str, Path]:
+    """Where each split lives: its own channel, else inside --data-dir / SM_CHANNEL_TRAINING."""
+    dirs = {}
+    for split in SPLITS:
+        explicit = getattr(args, split)
+        env = f"SM_CHANNEL_{split.upper()}"
+        if explicit:
+            path = Path(explicit)
+            if not path.is_dir():
+                raise InputError(f"--{split} {path}: no such directory (channel {split!r}, env {env})")
+            # a channel holding the whole dataset is accepted too
+            path = _split_dir(path, split) or path
+        elif args.data_dir:
+            root = Path(args.data_dir)
+            if not root.is_dir():
+                raise InputError(f"--data-dir {root}: no such directory (channel 'training', env SM_CHANNEL_TRAINING)")
+            path = _split_dir(root, split)
+            if path is None:
+                raise InputError(f"--data-dir {root}: has no {split}/ folder; expected train/ valid/ test/ "
+                                 f"with one folder per class")
+        else:
+            raise InputError(f"--{split}: no data given; pass --{split} DIR or --data-dir DIR, "
+                             f"or set {env} (or SM_CHANNEL_TRAINING holding train/ valid/ test/)")
+        dirs[split] = path
+    return dirs
+
+
+def scan_split(split_dir: Path, split: str) -> dict[str, list[Path]]:
+    """{class folder: image files}, classes sorted (dogImages numbering keeps index order)."""
+    classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise InputError(f"--{split} {split_dir}: no class folders; expected one folder per class "
+                         f"(e.g. 001.Affenpinscher/*.jpg)")
+    found = {}
+    for name in classes:
+        files = sorted(f for f in (split_dir / name).iterdir()
+                       if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+        if not files:
+            raise InputError(f"--{split} {split_dir / name}: class folder has no images "
+                             f"({', '.join(IMAGE_EXTENSIONS)})")
+        found[name] = files
+    return found
+
+
+def scan_dataset(dirs: dict[str, Path]) -> tuple[list[str], dict[str, list[tuple[Path, int]]]]:
+    """Class names (from train/) and (path, class index) samples per split."""
+    scans = {split: scan_split(path, split) for split, path in dirs.items()}
+    classes = list(scans["train"])
+    if len(classes) < 2:
+        raise InputError(f"--train {dirs['train']}: needs at least 2 class folders, found {classes}")
+    index = {name: i for i, name in enumerate(classes)}
+    samples = {}
+    for split, found in scans.items():
+        unknown = sorted(set(found) - set(index))
+        if unknown:
+            raise InputError(f"--{split} {dirs[split]}: class folders not in train/: {unknown[:5]}")
+        samples[split] = [(path, index[name]) for name, files in found.items() for path in files]
+    return classes, samples
+
+
+def load_image(path: Path, min_size: int | None = None) -> Image.Image:
+    """RGB image; a JPEG is decoded at a reduced scale (DCT scaling, much faster)
+    when both sides stay >= min_size, so the resize that follows loses nothing."""
+    with Image.open(path) as img:
+        if min_size and img.format == "JPEG":
+            img.draft("RGB", (min_size, min_size))
+        return img.convert("RGB")
+
+
+def train_transform(crop: int, mean=modeling.IMAGENET_MEAN, std=modeling.IMAGENET_STD):
+    return transforms.Compose([
+        transforms.RandomResizedCrop(crop, antialias=True),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        transforms.Normalize(mean, std),
+    ])
+
+
+def eval_transform(resize: int, crop: int, mean=modeling.IMAGENET_MEAN, std=modeling.IMAGENET_STD):
+    return transforms.Compose([
+        transforms.Resize(resize, antialias=True),
+        transforms.CenterCrop(crop),
+        transforms.ToTensor(),
+        transforms.Normalize(mean, std),
+    ])
+
+
+class ImageList(Dataset):
+    def __init__(self, samples: list[tuple[Path, int]], transform, decode_size: int | None):
+        self.samples, self.transform, self.decode_size = samples, transform, decode_size
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        path, target = self.samples[i]
+        return self.transform(load_image(path, self.decode_size)), target
+
+
+def default_num_workers(local_world: int = 1) -> int:
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cpus = os.cpu_count() or 1
+    # leave one core for the main process; 16 keeps memory in check on big hosts
+    return max(0, min(16, cpus // max(1, local_world) - 1))
+
+
+def make_loader(dataset: Dataset, batch_size: int, num_workers: int, device: torch.device,
+                d: Dist, train: bool, seed: int = 0, persistent: bool = True) -> DataLoader:
+    """Training: a DistributedSampler (also for one process: same shuffling code,
+    epoch-seeded order). Evaluation: each rank a disjoint shard, summed after."""
+    if train:
+        sampler = DistributedSampler(dataset, num_replicas=d.world, rank=d.rank, shuffle=True, seed=seed)
+        per_rank = len(sampler)
+        loader_kw = dict(sampler=sampler, drop_last=per_rank > batch_size)  # BN dislikes a batch of 1
+    else:
+        dataset = Subset(dataset, range(d.rank, len(dataset), d.world))
+        loader_kw = dict(shuffle=False)
+    return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
+                      pin_memory=device.type == "cuda", persistent_workers=persistent and num_workers > 0,
+                      **loader_kw)
+
+
+def build_loaders(samples, crop: int, resize: int, args, device, d: Dist) -> dict[str, DataLoader]:
+    workers = args.num_workers if args.num_workers is not None else default_num_workers(
+        int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    train_ds = ImageList(samples["train"], train_transform(crop), decode_size=resize)
+    valid_ds = ImageList(samples["valid"], eval_transform(resize, crop), decode_size=resize)
+    test_ds = ImageList(samples["test"], eval_transform(resize, crop), decode_size=resize)
+    return {
+        "train": make_loader(train_ds, args.batch_size, workers, device, d, train=True, seed=args.seed),
+        "valid": make_loader(valid_ds, args.test_batch_size, workers, device, d, train=False),
+        "test": make_loader(test_ds, args.test_batch_size, workers, device, d, train=False, persistent=False),
+    }
+
+
+# ----------------------------------------------------------------------------- model, optimiser
+
+def resolve_weights_path(weights: str, args: argparse.Namespace) -> str:
+    """`imagenet`/`none` as given; a file path as is, or relative to any channel."""
+    if weights in ("imagenet", "none"):
+        return weights
+    path = Path(weights)
+    if path.is_file():
+        return str(path)
+    roots = [getattr(args, s) for s in ("data_dir", *SPLITS)]
+    roots += [v for k, v in sorted(os.environ.items()) if k.startswith("SM_CHANNEL_")]
+    tried = [str(path)]
+    if not path.is_absolute():
+        for root in dict.fromkeys(r for r in roots if r):
+            candidate = Path(root) / path
+            tried.append(str(candidate))
+            if candidate.is_file():
+                return str(candidate)
+    raise InputError(f"--weights {weights!r}: not 'imagenet', 'none' or an existing file (looked at {tried})")
+
+
+def build_model(arch: str, num_classes: int, weights: str) -> nn.Module:
+    try:
+        return modeling.build_model(arch, num_classes, weights)
+    except (ValueError, FileNotFoundError) as err:
+        raise InputError(str(err)) from err
+    except OSError as err:  # URLError: no internet for the imagenet download
+        raise InputError(f"--weights {weights!r} for --arch {arch!r}: could not fetch the weights ({err}); "
+                         f"without internet pass --weights PATH to a state_dict in a channel") from err
+
+
+def set_trainable(model: nn.Module, head_only: bool) -> None:
+    for p in model.parameters():
+        p.requires_grad_(not head_only)
+    for p in modeling.head_parameters(model):
+        p.requires_grad_(True)
+
+
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float, momentum: float) -> torch.optim.Optimizer:
+    # Decay only matrices/kernels: decaying norm scales and biases hurts fine-tuning.
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=momentum > 0)
+
+
+def lr_factor(step: int, steps_per_epoch: int, epochs: int, freeze_epochs: int,
+              warmup_epochs: float, min_ratio: float) -> float:
+    """Constant during the head-only epochs (a fresh head takes the full rate), then
+    linear warm-up from unfreezing and cosine decay to min_ratio at the last step."""
+    head_steps = min(freeze_epochs, epochs) * steps_per_epoch
+    if step < head_steps:
+        return 1.0
+    step -= head_steps
+    total = max(1, (epochs - min(freeze_epochs, epochs)) * steps_per_epoch)
+    warmup = int(warmup_epochs * steps_per_epoch)
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class SmoothedCrossEntropyLoss(nn.CrossEntropyLoss):
+    """Label smoothing while training only, so validation/test losses are plain
+    cross-entropy. One module for both modes: the Debugger hook records its output
+    as the same tensor in TRAIN and EVAL (smdebug's `losses` collection matches
+    "Loss" in the class name, so keep it)."""
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, target, label_smoothing=self.label_smoothing if self.training else 0.0)
+
+
+def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """bf16 where the GPU has it, else fp16 (with a GradScaler); None = full precision."""
+    if device.type != "cuda":
+        if amp == "true":
+            print("warning: --amp true ignored: mixed precision only on CUDA", file=sys.stderr, flush=True)
+        return None
+    if amp == "false":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+# ----------------------------------------------------------------------------- loop
+
+class Callbacks:
+    """What an entry point may hook into (train_model.py: Debugger, profiler). No-ops here."""
+
+    def on_model(self, model: nn.Module, criterion: nn.Module) -> None: ...
+    def on_mode(self, mode: str) -> None: ...   # "train" | "eval"
+    def on_step(self) -> None: ...               # after each optimiser step
+    def close(self) -> None: ...
+
+
+@dataclass
+class Context:
+    """What one step needs besides the batch."""
+    device: torch.device
+    dtype: torch.dtype | None
+    channels_last: bool
+    d: Dist
+    callbacks: list
+
+    def autocast(self):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+    def to_device(self, images: torch.Tensor, targets: torch.Tensor):
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        return (images.to(self.device, non_blocking=True, memory_format=fmt),
+                targets.to(self.device, non_blocking=True))
+
+
+def train_one_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module,
+                    optimizer: torch.optim.Optimizer, scheduler, scaler, ctx: Context,
+                    max_steps: int, epoch: int, log_interval: float) -> dict:
+    """Sums stay on the device (no .item() per step); one sync at the end."""
+    sums = torch.zeros(3, device=ctx.device, dtype=torch.float64)  # loss*n, correct, n
+    steps = len(loader) if not max_steps else min(max_steps, len(loader))
+    data_wait = 0.0
+    start = last_log = time.perf_counter()
+    batches = iter(loader)
+    for step in range(steps):
+        t0 = time.perf_counter()
+        images, targets = next(batches)
+        data_wait += time.perf_counter() - t0
+        images, targets = ctx.to_device(images, targets)
+        with ctx.autocast():
+            logits = model(images)
+            loss = criterion(logits, targets)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        n = targets.size(0)
+        sums += torch.stack([loss.detach().double() * n, (logits.argmax(1) == targets).sum().double(),
+                             torch.tensor(float(n), device=ctx.device, dtype=torch.float64)])
+        for cb in ctx.callbacks:
+            cb.on_step()
+        now = time.perf_counter()
+        if now - last_log >= log_interval:
+            last_log = now
+            log(f"epoch {epoch}: step {step + 1}/{steps} {(step + 1) / (now - start):.2f} steps/s", ctx.d.rank)
+    seconds = time.perf_counter() - start
+    loss_sum, correct, seen = all_reduce_sum(sums, ctx.d).tolist()
+    seen = max(seen, 1.0)
+    return {"train_loss": loss_sum / seen, "train_acc": correct / seen, "steps": steps,
+            "images_per_s": seen / max(seconds, 1e-9), "data_wait_s": data_wait}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, criterion: nn.Module, num_classes: int,
+             ctx: Context) -> dict:
+    """Plain cross-entropy, top-1/top-5 accuracy and per-class accuracy over the
+    whole split (every rank a shard, summed)."""
+    k = min(5, num_classes)
+    sums = torch.zeros(4, device=ctx.device, dtype=torch.float64)  # loss*n, top1, topk, n
+    per_class = torch.zeros(2, num_classes, device=ctx.device, dtype=torch.float64)  # correct, total
+    for images, targets in loader:
+        images, targets = ctx.to_device(images, targets)
+        with ctx.autocast():
+            logits = model(images)
+            loss = criterion(logits, targets)
+        top = logits.float().topk(k, dim=1).indices
+        hit1 = top[:, 0] == targets
+        hitk = (top == targets[:, None]).any(dim=1)
+        n = targets.size(0)
+        sums += torch.stack([loss.float().double() * n, hit1.sum().double(), hitk.sum().double(),
+                             torch.tensor(float(n), device=ctx.device, dtype=torch.float64)])
+        per_class[0] += torch.bincount(targets[hit1], minlength=num_classes).double()
+        per_class[1] += torch.bincount(targets, minlength=num_classes).double()
+    all_reduce_sum(sums, ctx.d)
+    all_reduce_sum(per_class, ctx.d)
+    loss_sum, top1, topk, seen = sums.tolist()
+    correct, total = per_class.tolist()
+    seen = max(seen, 1.0)
+    return {"loss": loss_sum / seen, "accuracy": top1 / seen, "top5_accuracy": topk / seen, "count": int(seen),
+            "per_class": [c / t if t else None for c, t in zip(correct, total)]}
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def atomic_save(obj, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def cpu_state(model: nn.Module) -> dict:
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
+
+
+def rng_state(device: torch.device) -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def load_checkpoint(path: Path, identity: dict, device: torch.device) -> dict | None:
+    """The checkpoint of an interrupted run of this same job, or None."""
+    if not path.is_file():
+        return None
+    ckpt = torch.load(path, map_location=device, weights_only=True)
+    theirs = ckpt.get("identity", {})
+    diff = {k: (theirs.get(k), v) for k, v in identity.items() if theirs.get(k) != v}
+    if diff:
+        raise InputError(f"--checkpoint-dir {path.parent}: {path.name} belongs to another job "
+                         f"(differs in {sorted(diff)}); give this job its own checkpoint dir or delete it")
+    return ckpt
+
+
+# ----------------------------------------------------------------------------- outputs
+
+def write_model_dir(model_dir: Path, state: dict, meta: dict, evaluation: dict) -> None:
+    """model.pth + model.json + evaluation.json + code/: a deployable model.tar.gz."""
+    model_dir.mkdir(parents=True, exist_ok=True)
+    atomic_save(state, model_dir / modeling.MODEL_WEIGHTS_FILE)
+    modeling.write_model_meta(model_dir, meta)
+    atomic_write_text(model_dir / "evaluation.json", json.dumps(evaluation, indent=2))
+    code = model_dir / "code"
+    code.mkdir(exist_ok=True)
+    for name in CODE_FILES:
+        if (SCRIPTS_DIR / name).is_file():
+            shutil.copyfile(SCRIPTS_DIR / name, code / name)
+        else:
+            print(f"warning: {SCRIPTS_DIR / name} not found; model dir has no code/{name}", file=sys.stderr)
+    requirements = SCRIPTS_DIR / INFERENCE_REQUIREMENTS
+    if requirements.is_file():
+        shutil.copyfile(requirements, code / "requirements.txt")
+
+
+def plot_history(history: list[dict], path: Path, best_epoch: int | None) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("warning: matplotlib not installed; no loss curve", file=sys.stderr)
+        return
+    epochs = [h["epoch"] for h in history]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(epochs, [h["train_loss"] for h in history], "o-", label="train (label-smoothed)")
+    ax.plot(epochs, [h["valid_loss"] for h in history], "o-", label="validation")
+    if best_epoch:
+        ax.axvline(best_epoch, color="grey", linestyle=":", label=f"kept: epoch {best_epoch}")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("cross-entropy")
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def write_failure(message: str) -> None:
+    """SageMaker shows /opt/ml/output/failure as the job's FailureReason."""
+    out = os.environ.get("SM_OUTPUT_DIR")
+    if out and Path(out).is_dir():
+        with contextlib.suppress(OSError):
+            (Path(out) / "failure").write_text(message[:1000])
+
+
+# ----------------------------------------------------------------------------- main
+
+def run(args: argparse.Namespace, callbacks: list[Callbacks] = ()) -> dict:
+    """Train, keep the best-by-validation weights, evaluate once on test, write outputs.
+    Returns evaluation.json's content."""
+    callbacks = list(callbacks)
+    d, device = setup_distributed()
+    try:
+        return _run(args, callbacks, d, device)
+    finally:
+        for cb in callbacks:
+            cb.close()
+        if d.enabled and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _run(args, callbacks, d: Dist, device: torch.device) -> dict:
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    classes, samples = scan_dataset(data_dirs(args))
+    weights = resolve_weights_path(args.weights, args)
+    log(f"data: {len(classes)} classes, " + ", ".join(f"{s}={len(samples[s])}" for s in SPLITS)
+        + f"; device={device} world={d.world}", d.rank)
+
+    # rank 0 first, so only one process downloads pretrained weights into the cache
+    if d.enabled and d.rank != 0:
+        dist.barrier()
+    model = build_model(args.arch, len(classes), weights)
+    if d.enabled and d.rank == 0:
+        dist.barrier()
+    resize, crop = modeling.eval_geometry(args.arch, weights, args.image_size, args.resize_size)
+    channels_last = args.channels_last == "true" or (args.channels_last == "auto" and device.type == "cuda")
+    model = model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    ctx = Context(device=device, dtype=amp_dtype(args.amp, device), channels_last=channels_last, d=d,
+                  callbacks=callbacks)
+
+    loaders = build_loaders(samples, crop, resize, args, device, d)
+    steps_per_epoch = len(loaders["train"])
+    if args.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, args.max_steps_per_epoch)
+    criterion = SmoothedCrossEntropyLoss(label_smoothing=args.label_smoothing)
+    optimizer = make_optimizer(model, args.lr, args.weight_decay, args.momentum)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(
+        step, steps_per_epoch, args.epochs, args.freeze_epochs, args.lr_warmup_epochs, args.min_lr_ratio))
+    scaler = torch.amp.GradScaler("cuda", enabled=ctx.dtype == torch.float16)
+    for cb in callbacks:
+        cb.on_model(model, criterion)
+
+    identity = {"arch": args.arch, "classes": classes, "image_size": crop}
+    ckpt_path = Path(args.checkpoint_dir) / CHECKPOINT_FILE
+    state = {"epoch": 0, "best_loss": math.inf, "best_epoch": None, "bad_epochs": 0, "stopped": False,
+             "history": [], "best_state": None}
+    ckpt = load_checkpoint(ckpt_path, identity, device)
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        set_rng_state(ckpt["rng"], device)
+        state.update({k: ckpt[k] for k in state})
+        log(f"resuming from {ckpt_path} after epoch {state['epoch']} "
+            f"(best validation loss {state['best_loss']:.4g} at epoch {state['best_epoch']})", d.rank)
+    if d.enabled:  # every rank must resume from the same epoch, or DDP would hang
+        epochs_seen = torch.tensor([state["epoch"]], device=device)
+        dist.broadcast(epochs_seen, src=0)
+        if int(epochs_seen) != state["epoch"]:
+            raise RuntimeError(f"rank {d.rank} found checkpoint epoch {state['epoch']}, rank 0 {int(epochs_seen)}: "
+                               f"all ranks need the same --checkpoint-dir content")
+
+    phase = None
+    wrapped = model
+    for epoch in range(state["epoch"] + 1, args.epochs + 1):
+        if state["stopped"]:
+            break
+        epoch_phase = "head" if epoch <= args.freeze_epochs else "full"
+        if epoch_phase != phase:
+            phase = epoch_phase
+            set_trainable(model, head_only=phase == "head")
+            # DDP tracks the parameters that require grad when wrapped: re-wrap on (un)freezing
+            if d.enabled:
+                wrapped = nn.parallel.DistributedDataParallel(
+                    model, device_ids=[device.index] if device.type == "cuda" else None)
+        loaders["train"].sampler.set_epoch(epoch)
+        # head-only: frozen BatchNorm statistics too (train mode would still update them)
+        wrapped.train(phase == "full")
+        criterion.train()
+        for cb in callbacks:
+            cb.on_mode("train")
+        start = time.perf_counter()
+        train = train_one_epoch(wrapped, loaders["train"], criterion, optimizer, scheduler, scaler, ctx,
+                                args.max_steps_per_epoch, epoch, args.log_interval)
+        wrapped.eval()
+        criterion.eval()
+        for cb in callbacks:
+            cb.on_mode("eval")
+        valid = evaluate(wrapped, loaders["valid"], criterion, len(classes), ctx)
+        seconds = time.perf_counter() - start
+
+        improved = valid["loss"] < state["best_loss"]  # NaN never improves
+        if improved:
+            state.update(best_loss=valid["loss"], best_epoch=epoch, bad_epochs=0, best_state=cpu_state(model))
+        else:
+            state["bad_epochs"] += 1
+        state["stopped"] = bool(args.patience) and state["bad_epochs"] >= args.patience
+        row = {"epoch": epoch, "phase": phase, "train_loss": train["train_loss"], "train_acc": train["train_acc"],
+               "valid_loss": valid["loss"], "valid_acc": valid["accuracy"],
+               "valid_top5_acc": valid["top5_accuracy"], "lr": scheduler.get_last_lr()[0],
+               "seconds": seconds, "images_per_s": train["images_per_s"], "data_wait_s": train["data_wait_s"]}
+        state["history"].append(row)
+        state["epoch"] = epoch
+        if d.rank == 0:
+            atomic_save({**state, "identity": identity, "model": model.state_dict(),
+                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                         "scaler": scaler.state_dict(), "rng": rng_state(device)}, ckpt_path)
+        log(metrics.format_epoch(epoch, args.epochs, seconds, train_loss=row["train_loss"],
+                                 train_acc=row["train_acc"], valid_loss=row["valid_loss"],
+                                 valid_acc=row["valid_acc"], lr=row["lr"]), d.rank)
+        log(f"epoch {epoch}: phase={phase} {train['images_per_s']:.1f} img/s, "
+            f"data wait {train['data_wait_s']:.1f}s of {seconds:.1f}s"
+            + (" *best*" if improved else "")
+            + (f"; early stop: no improvement in {args.patience} epochs" if state["stopped"] else ""), d.rank)
+
+    # the kept weights: best by validation loss (the last ones if none was finite)
+    if state["best_state"] is not None:
+        model.load_state_dict(state["best_state"])
+    best = next((h for h in state["history"] if h["epoch"] == state["best_epoch"]), state["history"][-1])
+    model.eval()
+    criterion.eval()
+    for cb in callbacks:
+        cb.on_mode("eval")
+    test = evaluate(model, loaders["test"], criterion, len(classes), ctx)
+
+    labels = [modeling.breed_label(c) for c in classes]
+    evaluation = {
+        "test_loss": test["loss"], "test_accuracy": test["accuracy"], "test_top5_accuracy": test["top5_accuracy"],
+        "valid_loss": best["valid_loss"], "valid_accuracy": best["valid_acc"],
+        "per_class_accuracy": dict(zip(labels, test["per_class"])),
+        "num_test_images": test["count"], "classes": classes,
+        "best_epoch": state["best_epoch"], "epochs_run": state["epoch"], "arch": args.arch,
+    }
+    for name, value in (("average validation loss", best["valid_loss"]),
+                        ("validation accuracy", best["valid_acc"]),
+                        ("average test loss", test["loss"]),
+                        ("test accuracy", test["accuracy"]),
+                        ("test top5 accuracy", test["top5_accuracy"])):
+        log(metrics.format_summary(name, value), d.rank)
+
+    if d.rank == 0:
+        meta = {"arch": args.arch, "classes": classes, "labels": labels, "image_size": crop,
+                "resize_size": resize, "mean": list(modeling.IMAGENET_MEAN), "std": list(modeling.IMAGENET_STD)}
+        write_model_dir(Path(args.model_dir), cpu_state(model), meta, evaluation)
+        out = Path(args.output_data_dir)
+        atomic_write_text(out / "evaluation.json", json.dumps(evaluation, indent=2))
+        atomic_write_text(out / "history.json", json.dumps(state["history"], indent=2))
+        plot_history(state["history"], out / "loss_curve.png", state["best_epoch"])
+        log(f"wrote model to {args.model_dir}, evaluation/history/loss curve to {out}", d.rank)
+    return evaluation
+
+
+def main(argv: list[str] | None = None, prog: str | None = None, extend=None, make_callbacks=None) -> int:
+    """Entry point body: parse, run, turn bad input into one clear line and exit 1.
+
+    extend(parser) adds flags; make_callbacks(args) -> list of Callbacks."""
+    args = parse_args(argv, prog, extend)
+    try:
+        callbacks = make_callbacks(args) if make_callbacks else []
+        run(args, callbacks)
+    except InputError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        write_failure(str(err))
+        return 1
+    except BaseException as err:
+        write_failure(f"{type(err).__name__}: {err}")
+        raise
+    return 0

@@ -1,0 +1,57 @@
+"""Model steps: a SageMaker Model from the trained model.tar.gz, and its registration.
+
+model.tar.gz already carries code/inference.py (the training script puts it there), so
+the Model names it through the environment and has no entry_point: no repack job,
+no _repack_* files written into scripts/.
+"""
+from __future__ import annotations
+
+from sagemaker.model import Model
+from sagemaker.workflow.functions import Join
+from sagemaker.workflow.model_step import ModelStep
+
+INFERENCE_ENV = {
+    "SAGEMAKER_PROGRAM": "inference.py",
+    "SAGEMAKER_SUBMIT_DIRECTORY": "/opt/ml/model/code",
+    "SAGEMAKER_CONTAINER_LOG_LEVEL": "20",
+}
+
+
+def model_steps(cfg, session, *, step_train, image_uri: str, params, retry_policies) -> tuple[ModelStep, ModelStep]:
+    """(create, register): CreateModel for the endpoint, CreateModelPackage for the registry."""
+    model = Model(
+        image_uri=image_uri,
+        model_data=step_train.properties.ModelArtifacts.S3ModelArtifacts,
+        role=cfg.aws.role,
+        env={**INFERENCE_ENV, "SAGEMAKER_REGION": cfg.aws.region},
+        sagemaker_session=session,
+    )
+    create = ModelStep(
+        name="Model",
+        display_name="Create model",
+        description="SageMaker Model of the trained model.tar.gz (code/inference.py inside).",
+        step_args=model.create(instance_type=cfg.endpoint.instance_type),
+        retry_policies=retry_policies,
+    )
+    metric = step_train.properties.FinalMetricDataList[cfg.gate.metric].Value
+    register = ModelStep(
+        name="Package",
+        display_name="Register model",
+        description=f"Register the model in '{cfg.registry.model_package_group}' with its {cfg.gate.metric}.",
+        step_args=model.register(
+            content_types=list(cfg.registry.content_types),
+            response_types=list(cfg.registry.response_types),
+            inference_instances=[cfg.endpoint.instance_type],
+            transform_instances=[cfg.endpoint.instance_type],
+            model_package_group_name=cfg.registry.model_package_group,
+            approval_status=params.approval_status,
+            description=cfg.pipeline.description,
+            # Metadata values are strings: Join turns the float into one.
+            customer_metadata_properties={
+                cfg.gate.metric.replace(" ", "_"): Join(on="", values=[metric]),
+                "training_job": step_train.properties.TrainingJobName,
+            },
+        ),
+        retry_policies=retry_policies,
+    )
+    return create, register

@@ -1,0 +1,109 @@
+"""Training step: scripts/train_model.py with the tuning step's best hyperparameters.
+
+Also home of `estimator()`, the PyTorch estimator both the tuning trials and the
+final training run use, so the two jobs differ only where they must.
+"""
+from __future__ import annotations
+
+from sagemaker.debugger import DebuggerHookConfig, ProfilerConfig, Rule, rule_configs
+from sagemaker.inputs import TrainingInput
+from sagemaker.pytorch import PyTorch
+from sagemaker.workflow.execution_variables import ExecutionVariables
+from sagemaker.workflow.functions import Join
+from sagemaker.workflow.steps import TrainingStep
+
+# Both scripts read their data from these channels (SM_CHANNEL_TRAIN, ...).
+CHANNELS = ("train", "valid", "test")
+
+
+class DeterministicPyTorch(PyTorch):
+    """PyTorch estimator whose Debugger collections come out in a fixed order.
+
+    The SDK de-duplicates rule and hook collections in a set, so their order in the
+    request (and the definition's hash, hence step caching) followed PYTHONHASHSEED.
+    """
+
+    def _prepare_collection_configs(self):
+        super()._prepare_collection_configs()
+        self.collection_configs = sorted(self.collection_configs, key=lambda c: c.name)
+
+
+def flag_value(value) -> str:
+    """Hyperparameters travel as strings; booleans as the scripts parse them."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def channel_inputs(data_uri, names=CHANNELS) -> dict[str, TrainingInput]:
+    """`<data uri>train/` etc.; data_uri (a Parameter) ends with '/'."""
+    return {name: TrainingInput(s3_data=Join(on="", values=[data_uri, f"{name}/"])) for name in names}
+
+
+def estimator(cfg, session, *, entry_point: str, code_uri: str, image_uri: str, instance, instance_type,
+              spot, hyperparameters: dict, metric_definitions: list, **kwargs) -> PyTorch:
+    """The PyTorch estimator for one of the scripts in scripts/ (already uploaded at code_uri)."""
+    return DeterministicPyTorch(
+        entry_point=entry_point,
+        source_dir=code_uri,                 # an S3 URI: the SDK neither re-uploads nor renames it
+        image_uri=image_uri,                 # chosen from config, never from a Parameter's default
+        role=cfg.aws.role,
+        instance_count=instance.count,
+        instance_type=instance_type,
+        volume_size=instance.volume_gb,
+        max_run=instance.max_run_s,
+        use_spot_instances=spot.enabled,
+        max_wait=spot.max_wait_s if spot.enabled else None,
+        output_path=f"{cfg.s3_root}/jobs",
+        hyperparameters={k: flag_value(v) for k, v in hyperparameters.items()},
+        metric_definitions=metric_definitions,
+        tags=[{"Key": k, "Value": v} for k, v in cfg.tags.items()] or None,
+        sagemaker_session=session,
+        **kwargs,
+    )
+
+
+def debugger_args(cfg) -> dict:
+    """Rules, hook and profiler of the training job, or everything off."""
+    args = {}
+    if cfg.debugger.enabled and cfg.debugger.rules:
+        args["rules"] = [Rule.sagemaker(getattr(rule_configs, r.name)(), rule_parameters=dict(r.parameters) or None)
+                         for r in cfg.debugger.rules]
+        args["debugger_hook_config"] = DebuggerHookConfig(s3_output_path=f"{cfg.s3_root}/debug")
+    else:
+        args["rules"] = []
+        args["debugger_hook_config"] = False
+    if cfg.profiler.enabled:
+        # System monitor only: framework profiling is deprecated for PyTorch >= 2.0.
+        args["profiler_config"] = ProfilerConfig(system_monitor_interval_millis=cfg.profiler.interval_ms,
+                                                 s3_output_path=f"{cfg.s3_root}/profiler")
+    else:
+        args["disable_profiler"] = True
+    return args
+
+
+def training_step(cfg, session, *, step_tune, code_uri: str, image_uri: str, params, metric_definitions,
+                  cache_config, retry_policies) -> TrainingStep:
+    tuned = {name: step_tune.properties.BestTrainingJob.TunedHyperParameters[name] for name in cfg.tuning.ranges}
+    static = dict(cfg.training.hyperparameters)
+    static.update(profile=cfg.profiler.enabled)
+    checkpoint = {}
+    if cfg.training.spot.enabled:
+        # Per execution: a spot retry resumes its own run, a new execution never a stale one.
+        checkpoint["checkpoint_s3_uri"] = Join(on="/", values=[cfg.checkpoint_prefix,
+                                                                 ExecutionVariables.PIPELINE_EXECUTION_ID])
+    est = estimator(cfg, session, entry_point="train_model.py", code_uri=code_uri, image_uri=image_uri,
+                    instance=cfg.training.instance, instance_type=params.training_instance_type,
+                    spot=cfg.training.spot, hyperparameters=static, metric_definitions=metric_definitions,
+                    **checkpoint, **debugger_args(cfg))
+    # Tuned values are property references, resolved when the tuning step is done (never copied).
+    est.set_hyperparameters(**tuned)
+    return TrainingStep(
+        name="TrainModel",
+        display_name="Train model",
+        description="Train scripts/train_model.py with the best tuned hyperparameters; "
+                    "Debugger rules and system profiler; final evaluation on the test channel.",
+        step_args=est.fit(inputs=channel_inputs(params.data_uri), wait=False),
+        cache_config=cache_config,
+        retry_policies=retry_policies,
+    )
