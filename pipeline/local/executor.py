@@ -16,7 +16,6 @@ resumes that execution: finished steps and tuning trials are not redone.
 """
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import io
 import json
@@ -576,9 +575,14 @@ class Execution:
 
 
 def _stop_pid(pid: int) -> None:
+    """Stop a kept endpoint from an earlier run, only if that pid is still our server (pids get reused)."""
+    import psutil
     try:
-        os.kill(int(pid), signal.SIGTERM)
-    except (ProcessLookupError, PermissionError, ValueError):
+        proc = psutil.Process(int(pid))
+        if "pipeline.serve" in " ".join(proc.cmdline()):
+            proc.terminate()
+            proc.wait(30)
+    except (psutil.Error, ValueError):
         pass
 
 
