@@ -148,6 +148,8 @@ def test_resume_after_kill_redoes_no_finished_trial(store, tmp_path, sig, parall
             break
         time.sleep(0.1)
     assert trials_json is not None, "the first trial never finished"
+    with pytest.raises(DefinitionError, match=f"in use by another execution \\(pid {proc.pid}\\)"):
+        execute(d, store=store, run_dir=tmp_path / "run", report=False)
     os.kill(proc.pid, sig)
     proc.wait(timeout=60)  # Ctrl-C stops the running trials too, it does not wait for them
     before = read_json(trials_json)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import re
 import secrets
 import shutil
@@ -654,9 +655,14 @@ def execute(definition: str | dict, *, store: LocalStore, run_dir: str | Path, p
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     parameters = parse_parameters(definition, params)
-    write_json(run_dir / "definition.json", definition)
-    execution = Execution(definition, store, run_dir, parameters=parameters, pipeline_name=pipeline_name,
-                          progress=progress, keep_endpoint=keep_endpoint)
+    lock = _lock_run_dir(run_dir)
+    try:
+        write_json(run_dir / "definition.json", definition)
+        execution = Execution(definition, store, run_dir, parameters=parameters, pipeline_name=pipeline_name,
+                              progress=progress, keep_endpoint=keep_endpoint)
+    except BaseException:
+        lock.close()
+        raise
 
     def on_term(signum, frame):
         raise KeyboardInterrupt
@@ -674,6 +680,7 @@ def execute(definition: str | dict, *, store: LocalStore, run_dir: str | Path, p
         raise
     finally:
         execution.close()
+        lock.close()
         if old is not None:
             signal.signal(signal.SIGTERM, old)
     if report:
@@ -704,6 +711,25 @@ def _missing_code(definition: dict, store: LocalStore) -> list[str]:
                 visit(x)
     visit(definition.get("Steps", []))
     return found
+
+
+def _lock_run_dir(run_dir: Path):
+    """One execution per run dir at a time; the lock dies with the process, however it ends."""
+    import fcntl
+    f = open(run_dir / ".lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "?"
+        f.close()
+        raise DefinitionError(f"{run_dir} is in use by another execution (pid {holder}); "
+                              "wait for it or pass another --run-dir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    return f
 
 
 def _main_thread() -> bool:
