@@ -315,9 +315,17 @@ class Execution:
                     self._cache_store(name, step, args, rec["Properties"])
                 rec["StepStatus"] = "Succeeded"
                 break
-            except (StepFailed, ex.ExpressionError, JobError, TuningError, DefinitionError) as e:
-                reason = e.reason if isinstance(e, StepFailed) else f"{type(e).__name__}: {e}"
-                retry_kind = e.retry_kind if isinstance(e, StepFailed) else None
+            except Exception as e:  # noqa: BLE001 - every failure is the step's, with its reason
+                if isinstance(e, (StepFailed, ex.ExpressionError, JobError, TuningError, DefinitionError)):
+                    reason = e.reason if isinstance(e, StepFailed) else f"{type(e).__name__}: {e}"
+                    retry_kind = e.retry_kind if isinstance(e, StepFailed) else None
+                else:  # our own fault, not the definition's: AWS calls that a service fault
+                    import traceback
+                    trace = self.step_dir(name) / "error.txt"
+                    trace.parent.mkdir(parents=True, exist_ok=True)
+                    trace.write_text(traceback.format_exc())
+                    reason = f"InternalError: {type(e).__name__}: {e} (traceback: {trace})"
+                    retry_kind = "SERVICE_FAULT"
                 wait = _retry_wait(policies, retry_kind, attempt)
                 if wait is not None:
                     self.say(f"{name}: attempt {attempt} failed ({reason[:120]}); retrying in {wait:g}s "
