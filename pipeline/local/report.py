@@ -135,7 +135,11 @@ def write_report(run_dir: str | Path, record: dict, definition: dict, store=None
                 for r in rules]), ""]
         prof = props.get("ProfilerSummary")
         if prof:
-            rows = [[k, json.dumps(v)] for k, v in prof.items()]
+            labels = {"cpu_percent": "CPU % of the job's processes (100 = one core)",
+                      "memory_mb": "resident memory, MB", "gpu_percent": "GPU utilisation %",
+                      "gpu_memory_mb": "GPU memory, MB", "seconds": "sampled seconds", "samples": "samples"}
+            rows = [[labels.get(k, k), ", ".join(f"{a} {b}" for a, b in v.items()) if isinstance(v, dict) else v]
+                    for k, v in prof.items()]
             lines += [f"## Profiler ({name})", "", _table(["system metric", "value"], rows), ""]
             job_dir = props.get("LocalJobDir")
             framework = Path(job_dir) / "opt_ml" / "output" / "profiler" / "framework" if job_dir else None
