@@ -274,6 +274,7 @@ def build_app(model_dir: Path, *, program: str | None = None, max_batch_size: in
         state["ready"] = True
         log.info("model loaded from %s (%s): ready", model_dir, handlers.program)
 
+    @contextlib.asynccontextmanager
     async def lifespan(app):
         loader = asyncio.create_task(startup())  # bind now; /ping says 503 until loaded
         yield

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tarfile
 import threading
+import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +29,11 @@ ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 # crash or hang it (recognised by their size).
 TESTING_PROGRAM = '''
 import time
-from inference import model_fn, input_fn, output_fn, predict_fn as _predict_fn
+from inference import input_fn, output_fn, model_fn as _model_fn, predict_fn as _predict_fn
+
+def model_fn(model_dir):
+    time.sleep(1.5)  # a slow load: /ping must say 503 meanwhile
+    return _model_fn(model_dir)
 
 def predict_fn(data, model):
     sizes = {image.size for image in data["images"]}
@@ -71,9 +76,23 @@ def testing_endpoint(model_dir, tmp_path_factory):
                           log_path=tmp_path_factory.mktemp("log") / "testing.log",
                           max_batch_size=8, max_batch_delay_ms=50, timeout_s=2)
     try:
+        ep.first_ping = None
+        while ep.first_ping is None and ep.process.poll() is None:
+            if ep.url is None and ep.url_file.is_file():
+                ep.url = ep.url_file.read_text().strip()
+            try:
+                ep.first_ping = ping(ep.url) if ep.url else None
+            except OSError:  # not accepting connections yet
+                pass
+            time.sleep(0.05)
         yield ep.wait_ready(120)
     finally:
         ep.stop()
+
+
+def test_ping_says_503_until_model_fn_has_returned(testing_endpoint):
+    assert testing_endpoint.first_ping == 503
+    assert ping(testing_endpoint.url) == 200
 
 
 @pytest.fixture(scope="module")
