@@ -40,7 +40,7 @@ def predict_fn(data, model):
     if (13, 13) in sizes:
         raise RuntimeError("secret internal detail")
     if (17, 17) in sizes:
-        time.sleep(2.5)
+        time.sleep(3.6)
     if (19, 19) in sizes:
         print("slow request in flight", flush=True)
         time.sleep(1)
@@ -74,7 +74,7 @@ def endpoint(tarball, tmp_path_factory):
 def testing_endpoint(model_dir, tmp_path_factory):
     ep = serve_mod.launch(model_dir, env={**ENV, "SAGEMAKER_PROGRAM": "testing_inference.py"},
                           log_path=tmp_path_factory.mktemp("log") / "testing.log",
-                          max_batch_size=8, max_batch_delay_ms=50, timeout_s=2)
+                          max_batch_size=8, max_batch_delay_ms=50, timeout_s=3)
     try:
         ep.first_ping = None
         while ep.first_ping is None and ep.process.poll() is None:
@@ -198,7 +198,7 @@ def test_handler_crash_is_a_500_without_internals_and_the_server_goes_on(testing
 
 def test_a_request_past_the_timeout_gets_504_and_the_server_recovers(testing_endpoint):
     status, answer, _ = post(testing_endpoint.url, image_bytes("PNG", size=(17, 17)), "image/png")
-    assert status == 504 and "2 s" in answer["error"]
+    assert status == 504 and "3 s" in answer["error"]
     assert ping(testing_endpoint.url) == 200
     for _ in range(20):  # the hung forward pass still holds the model for a moment
         if post(testing_endpoint.url, IMAGES[1], "image/jpeg")[0] == 200:
