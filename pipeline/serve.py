@@ -265,7 +265,8 @@ def build_app(model_dir: Path, *, program: str | None = None, max_batch_size: in
         except Exception as err:
             log.error("loading the model failed", exc_info=err)
             first_line = (str(err).strip().splitlines() or [""])[0]
-            log.error("model_fn failed, so the endpoint cannot serve %s: %s: %s", model_dir, type(err).__name__, first_line)
+            log.error("loading the handlers or model_fn failed, so the endpoint cannot serve %s: %s: %s",
+                      model_dir, type(err).__name__, first_line)
             if on_load_failure:
                 on_load_failure()
             return
