@@ -25,7 +25,6 @@ import contextlib
 import importlib.util
 import inspect
 import io
-import json
 import logging
 import os
 import shutil

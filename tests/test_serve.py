@@ -20,7 +20,7 @@ import torch
 from pipeline import invoke as invoke_mod
 from pipeline import serve as serve_mod
 from tests._serve_helpers import (LABELS, ROOT, b64_batch, free_port, image_bytes, make_model_dir, make_tarball,
-                                  ping, post)
+                                  ping, png_header_only, post)
 
 ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
@@ -151,8 +151,7 @@ BAD_REQUESTS = [
 
 
 def test_bad_requests_get_their_4xx_and_the_server_stays_healthy(endpoint):
-    from tests.test_inference import _png_header_only
-    for body, ctype, accept, status, word in BAD_REQUESTS + [(_png_header_only(9000, 9000), "image/png", None, 413,
+    for body, ctype, accept, status, word in BAD_REQUESTS + [(png_header_only(9000, 9000), "image/png", None, 413,
                                                               "INFERENCE_MAX_PIXELS")]:
         got, answer, headers = post(endpoint.url, body, ctype, accept or "application/json")
         assert (got, word in answer["error"]) == (status, True), (ctype, answer)
