@@ -45,6 +45,16 @@ from pipeline.serve import Handlers, launch  # noqa: E402
 from scripts import modeling  # noqa: E402
 
 
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def percentile(values, q):
     return float(np.percentile(np.asarray(values) * 1000, q))
 
@@ -182,7 +192,8 @@ def main(argv=None) -> int:
         per_round = max(1, args.requests // args.rounds)
         try:
             endpoint.wait_ready(300)
-            run_clients(endpoint.url, body, 1, 3)  # warm the connection path
+            run_clients(endpoint.url, body, 1, 3)  # warm-up: connection path, then batch shapes
+            run_clients(endpoint.url, body, args.clients, 2)
             for r in range(args.rounds):
                 print(f"round {r + 1}/{args.rounds}", flush=True)
                 raw_times, one_run = paired(raw, endpoint.url, body, per_round)
@@ -197,7 +208,7 @@ def main(argv=None) -> int:
     raw_p50 = percentile(raw1, 50)
     result = {
         "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+        "machine": {"platform": platform.platform(), "processor": cpu_model(),
                     "cpus": os.cpu_count(), "device": "cuda" if torch.cuda.is_available() else "cpu",
                     "load_average_before": [round(x, 2) for x in load_before],
                     "note": "shared machine: other jobs ran at the same time, figures are noisy"},
