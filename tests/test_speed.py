@@ -116,5 +116,5 @@ def test_cache_features_trains_end_to_end(tmp_path, capsys):
     evaluation = train_lib.run(args)
     assert evaluation["epochs_run"] == 2
     out = capsys.readouterr().out
-    assert out.count("cached backbone features: train (24, 576)") == 1, out  # once, for the head-only epoch
+    assert out.count("cached backbone features: train (24, 1024)") == 1, out  # once, for the head-only epoch
     assert (tmp_path / "model" / "model.pth").is_file()
