@@ -86,8 +86,9 @@ def main(argv: list[str] | None = None) -> int:
         return run_local(cfg, definition_file=args.definition_file, params=args.param,
                          run_dir=args.run_dir, data=args.data, keep_endpoint=args.keep_endpoint)
 
-    from pipeline.definition import build_definition
-    definition = build_definition(cfg)
+    from pipeline.definition import build
+    built = build(cfg)  # the definition JSON, and the objects (code tarball) it expects in S3
+    definition = built.definition
     if args.definition:
         out = Path(args.definition)
         tmp = out.with_name(out.name + ".tmp")
@@ -100,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {args.graph}")
     if args.execute:
         from pipeline.aws import execute
-        return execute(cfg, definition, params=args.param, wait=args.wait, display_name=args.display_name)
+        return execute(cfg, definition, params=args.param, wait=args.wait, display_name=args.display_name,
+                       uploads=built.uploads)
     if not (args.definition or args.graph):
         print(definition)
     return 0

@@ -8,6 +8,7 @@ of run_pipeline.py; everything under them takes plain arguments.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import os
 import re
@@ -19,9 +20,11 @@ from typing import Callable, Iterable, TextIO
 import boto3
 from botocore.exceptions import BotoCoreError, ClientError
 
+from pipeline.config import PIPELINE_TAG
+from pipeline.local.store import split_s3_uri
+
 # Our own ownership tag, set on the pipeline and (by the definition) on the models,
 # endpoint configs and endpoints its steps create: --cleanup deletes what carries it.
-PIPELINE_TAG = "dogbreed:pipeline"
 # SageMaker stamps resources made by a pipeline step with the execution ARN; we accept it too.
 EXECUTION_ARN_TAG = "sagemaker:pipeline-execution-arn"
 TERMINAL = ("Succeeded", "Failed", "Stopped")
@@ -42,7 +45,7 @@ def _code(err: ClientError) -> str:
 
 def check_region(region: str | None) -> str:
     if not region:
-        raise AwsSetupError("no AWS region: set `region` in the config, pass --region, or set AWS_REGION")
+        raise AwsSetupError("no AWS region: set aws.region in the config, pass --region, or set AWS_REGION")
     session = boto3.Session()
     known = {r for p in session.get_available_partitions()
              for r in session.get_available_regions("sagemaker", partition_name=p)}
@@ -83,7 +86,7 @@ def _trusts_sagemaker(policy) -> bool:
 
 def check_role(session: boto3.Session, role_arn: str | None, out: TextIO = sys.stdout) -> None:
     if not role_arn:
-        raise AwsSetupError("no SageMaker execution role: set `role_arn` in the config, pass --role, "
+        raise AwsSetupError("no SageMaker execution role: set aws.role in the config, pass --role, "
                             "or set SAGEMAKER_ROLE_ARN (the infra/ stack outputs it)")
     m = ROLE_ARN_RE.match(role_arn)
     if not m:
@@ -93,7 +96,7 @@ def check_role(session: boto3.Session, role_arn: str | None, out: TextIO = sys.s
     except ClientError as e:
         if _code(e) == "NoSuchEntity":
             raise AwsSetupError(f"IAM role {m.group(2)!r} does not exist in account {m.group(1)} "
-                                f"(deploy infra/template.yaml or fix role_arn)")
+                                f"(deploy infra/template.yaml, or fix aws.role / --role)")
         if _code(e) in ("AccessDenied", "AccessDeniedException"):
             # Not being allowed to read a role is no proof it is missing: say so and go on.
             print(f"warning: cannot read IAM role {m.group(2)} ({_code(e)}); not checking that it exists", file=out)
@@ -106,12 +109,12 @@ def check_role(session: boto3.Session, role_arn: str | None, out: TextIO = sys.s
 
 def check_bucket(session: boto3.Session, bucket: str | None, region: str) -> None:
     if not bucket:
-        raise AwsSetupError("no S3 bucket: set `bucket` in the config, pass --bucket, or set SAGEMAKER_BUCKET")
+        raise AwsSetupError("no S3 bucket: set aws.bucket in the config, pass --bucket, or set SAGEMAKER_BUCKET")
     try:
         resp = session.client("s3").head_bucket(Bucket=bucket)
     except ClientError as e:
         if _code(e) in ("404", "NoSuchBucket", "NotFound"):
-            raise AwsSetupError(f"S3 bucket {bucket!r} does not exist (deploy infra/template.yaml or fix `bucket`)")
+            raise AwsSetupError(f"S3 bucket {bucket!r} does not exist (deploy infra/template.yaml, or fix aws.bucket / --bucket)")
         if _code(e) in ("403", "AccessDenied"):
             raise AwsSetupError(f"no access to S3 bucket {bucket!r} with these credentials")
         raise
@@ -164,7 +167,7 @@ def upsert_pipeline(sm, name: str, definition: str, role_arn: str, tags: dict[st
     if len(definition.encode()) > INLINE_DEFINITION_LIMIT:
         if not bucket or s3 is None:
             raise AwsSetupError("the definition exceeds 100 KB and must go through S3, but no bucket was given")
-        key = f"{name}/definitions/{int(time.time())}.json"
+        key = f"{name}/definitions/{hashlib.sha256(definition.encode()).hexdigest()[:16]}.json"
         s3.put_object(Bucket=bucket, Key=key, Body=definition.encode())
         body = {"PipelineDefinitionS3Location": {"Bucket": bucket, "ObjectKey": key}}
     common = dict(PipelineName=name, RoleArn=role_arn, PipelineDescription=description, **body)
@@ -268,6 +271,7 @@ def wait_execution(sm, execution_arn: str, poll_s: float = 10.0, max_poll_s: flo
     to poll_s when something moves, so a long training step costs few API calls.
     """
     delay, shown, start, steps_ok = poll_s, None, time.monotonic(), True
+    tty, drawn = hasattr(out, "isatty") and out.isatty(), 0  # on a terminal, redraw the table in place
     while True:
         desc = sm.describe_pipeline_execution(PipelineExecutionArn=execution_arn)
         status = desc["PipelineExecutionStatus"]
@@ -277,12 +281,16 @@ def wait_execution(sm, execution_arn: str, poll_s: float = 10.0, max_poll_s: flo
                 steps = list_steps(sm, execution_arn)
             except (ClientError, BotoCoreError) as e:  # e.g. a service without this call
                 steps_ok = False
-                print(f"(step statuses unavailable: {e})", file=out)
+                reason = f"{_code(e)} from {e.operation_name}" if isinstance(e, ClientError) else str(e)
+                print(f"(step statuses unavailable: {reason})", file=out)
         elapsed = int(time.monotonic() - start)
         view = f"execution {status}\n{step_table(steps)}" if steps else f"execution {status}"
         if view != shown:
-            print(f"[{elapsed // 60:02d}:{elapsed % 60:02d}] {view}", file=out, flush=True)
-            shown, delay = view, poll_s
+            text = f"[{elapsed // 60:02d}:{elapsed % 60:02d}] {view}"
+            if tty and drawn:
+                out.write(f"\x1b[{drawn}F\x1b[J")  # cursor up to the old table, clear below
+            print(text, file=out, flush=True)
+            shown, delay, drawn = view, poll_s, text.count("\n") + 1
         else:
             delay = min(delay * 1.5, max_poll_s)
         if status in TERMINAL:
@@ -363,40 +371,88 @@ def cleanup_pipeline(sm, pipeline_name: str, assume_yes: bool, out: TextIO = sys
     return 0
 
 
-# ---------------------------------------------------------------- config-taking entry points
+# ---------------------------------------------------------------- code and data in S3
 
-def _studio_domain(cfg) -> str | None:
-    return getattr(cfg, "studio_domain_id", None) or os.environ.get("SAGEMAKER_STUDIO_DOMAIN_ID")
+def upload_objects(s3, uploads: dict[str, bytes], out: TextIO = sys.stdout) -> int:
+    """Put what the definition expects in S3 (the code tarball the offline build made); skip equal objects."""
+    sent = 0
+    for uri, body in sorted(uploads.items()):
+        bucket, key = split_s3_uri(uri)
+        try:
+            head = s3.head_object(Bucket=bucket, Key=key)
+            if head["ContentLength"] == len(body) and head["ETag"].strip('"') == hashlib.md5(body).hexdigest():
+                continue
+        except ClientError as e:
+            if _code(e) not in ("404", "NoSuchKey", "NotFound"):
+                raise
+        s3.put_object(Bucket=bucket, Key=key, Body=body)
+        print(f"uploaded {uri} ({len(body) / 1e3:.0f} kB)", file=out)
+        sent += 1
+    return sent
+
+
+def check_data(s3, data_uri: str, out: TextIO = sys.stdout) -> None:
+    """The training data must be there before hours of tuning start."""
+    bucket, prefix = split_s3_uri(data_uri)
+    try:
+        found = s3.list_objects_v2(Bucket=bucket, Prefix=prefix.rstrip("/") + "/" if prefix else "", MaxKeys=1)
+    except ClientError as e:
+        if _code(e) in ("NoSuchBucket", "404"):
+            raise AwsSetupError(f"data URI {data_uri}: bucket {bucket!r} does not exist")
+        print(f"warning: cannot list {data_uri} ({_code(e)}); not checking that the data is there", file=out)
+        return
+    if not found.get("KeyCount", len(found.get("Contents", []))):
+        raise AwsSetupError(f"no data at {data_uri}: run `python run_pipeline.py --prepare-data` first "
+                            f"(or pass --param DataUri=s3://...)")
+
+
+# ---------------------------------------------------------------- config-taking entry points
+# cfg is pipeline.config.Config: pipeline.name/.description, aws.region/.role/.bucket, data.uri, tags.
+
+def _studio_domain() -> str | None:
+    return os.environ.get("SAGEMAKER_STUDIO_DOMAIN_ID")
+
+
+def _refused(e: ClientError) -> str:
+    return f"AWS refused {e.operation_name}: {_code(e)}: {e.response['Error'].get('Message', '')}"
 
 
 def execute(cfg, definition: str, params: list[str], wait: bool, display_name: str | None,
-            out: TextIO = sys.stdout, sleep: Callable[[float], None] = time.sleep) -> int:
-    name = cfg.pipeline_name
+            uploads: dict[str, bytes] | None = None, out: TextIO = sys.stdout,
+            sleep: Callable[[float], None] = time.sleep) -> int:
+    """Check, upload code, upsert, start (and with wait, follow) the pipeline. Returns the exit code."""
+    name, region, role, bucket = cfg.pipeline.name, cfg.aws.region, cfg.aws.role, cfg.aws.bucket
     try:
         parameters = parse_params(params, definition)
-        display = display_name or ci_display_name()
-        check_display_name(display)
-        session = preflight(cfg.region, cfg.role_arn, cfg.bucket, out=out)
-        sm = session.client("sagemaker")
-        arn, created = upsert_pipeline(sm, name, definition, cfg.role_arn, dict(cfg.tags or {}),
-                                       description=ci_description(), bucket=cfg.bucket, s3=session.client("s3"))
+        display = check_display_name(display_name or ci_display_name())
+        session = preflight(region, role, bucket, out=out)
+        s3, sm = session.client("s3"), session.client("sagemaker")
+        data_uri = next((p["Value"] for p in parameters if p["Name"] == "DataUri"), cfg.data.uri)
+        check_data(s3, data_uri, out=out)
+        upload_objects(s3, uploads or {}, out=out)
+        arn, created = upsert_pipeline(sm, name, definition, role, dict(cfg.tags),
+                                       description=cfg.pipeline.description, bucket=bucket, s3=s3)
         print(f"{'created' if created else 'updated'} pipeline {arn}", file=out)
         exec_arn = start_execution(sm, name, parameters, display, ci_description())
     except AwsSetupError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except ClientError as e:
-        op = e.operation_name
-        print(f"error: AWS refused {op}: {_code(e)}: {e.response['Error'].get('Message', '')}", file=sys.stderr)
+        print(f"error: {_refused(e)}", file=sys.stderr)
         return 2
     print(f"execution {exec_arn}", file=out)
-    urls = console_urls(cfg.region, name, exec_arn, _studio_domain(cfg))
+    urls = console_urls(region, name, exec_arn, _studio_domain())
     for url in urls:
         print(f"  {url}", file=out)
     _summary(f"SageMaker execution `{exec_arn}` ([console]({urls[-1]}))")
     if not wait:
         return 0
-    desc, steps = wait_execution(sm, exec_arn, out=out, sleep=sleep)
+    try:
+        desc, steps = wait_execution(sm, exec_arn, out=out, sleep=sleep)
+    except KeyboardInterrupt:  # only the waiting stops; the execution runs on in AWS
+        print(f"\nstopped waiting; the execution goes on. To stop it too: aws sagemaker "
+              f"stop-pipeline-execution --pipeline-execution-arn {exec_arn}", file=out)
+        return 130
     _summary(f"Status: **{desc['PipelineExecutionStatus']}**\n\n```\n{step_table(steps)}\n"
              + "\n".join(failure_report(desc, steps)) + "\n```")
     return report(desc, steps, out=out)
@@ -412,14 +468,12 @@ def _summary(markdown: str) -> None:
 
 def cleanup(cfg, assume_yes: bool, out: TextIO = sys.stdout, ask: Callable[[str], str] = input) -> int:
     try:
-        region = check_region(cfg.region)
-        session = boto3.Session(region_name=region)
+        session = boto3.Session(region_name=check_region(cfg.aws.region))
         check_credentials(session)
-        return cleanup_pipeline(session.client("sagemaker"), cfg.pipeline_name, assume_yes, out=out, ask=ask)
+        return cleanup_pipeline(session.client("sagemaker"), cfg.pipeline.name, assume_yes, out=out, ask=ask)
     except AwsSetupError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except ClientError as e:
-        print(f"error: AWS refused {e.operation_name}: {_code(e)}: {e.response['Error'].get('Message', '')}",
-              file=sys.stderr)
+        print(f"error: {_refused(e)}", file=sys.stderr)
         return 2

@@ -19,6 +19,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+# Tag key on every resource the pipeline creates, valued with the pipeline name.
+PIPELINE_TAG = "dogbreed:pipeline"
+
 class ConfigError(ValueError):
     """A pipeline config that cannot be used; the message says where and why."""
 
@@ -41,6 +44,12 @@ class Sample(_Strict):
 class Data(_Strict):
     uri: str                        # s3://bucket/prefix/ holding train/ valid/ test/
     sample: Sample | None = None
+    # --prepare-data: where dogImages.zip comes from, its pinned sha256 (None: record the first
+    # download's), strict dogImages checks (133 classes, 6,680/835/836) or consistency only.
+    url: str | None = None
+    sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
+    strict: bool = True
+    cache_dir: str | None = None
 
     @property
     def s3_uri(self) -> str:
@@ -198,6 +207,10 @@ class Config(_Strict):
     retry: Retry = Retry()
     tags: dict[str, str] = {}
     source: str = ""                           # the file this came from (set by load_config)
+
+    def resource_tags(self) -> list[dict[str, str]]:
+        """Tags for everything the pipeline creates; PIPELINE_TAG is how --cleanup finds them."""
+        return [{"Key": k, "Value": v} for k, v in {**self.tags, PIPELINE_TAG: self.pipeline.name}.items()]
 
     # Flat names for the AWS and data modules.
     @property

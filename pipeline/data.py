@@ -25,6 +25,7 @@ import zipfile
 from pathlib import Path, PurePosixPath
 from typing import TextIO
 
+from pipeline.local.store import split_s3_uri
 from pipeline.sample_data import DOG_CLASS_DIRS, DOG_SPLIT_SIZES, SPLITS
 
 DOGIMAGES_URL = "https://s3-us-west-1.amazonaws.com/udacity-aind/dog-project/dogImages.zip"
@@ -303,7 +304,6 @@ def upload_s3(root: Path, uri: str, s3, workers: int = 8, out: TextIO = sys.stdo
     """Upload the tree under `uri`; skip objects whose size and ETag already match. Returns (uploaded, skipped)."""
     from boto3.s3.transfer import TransferConfig
 
-    from pipeline.local.store import split_s3_uri
     bucket, prefix = split_s3_uri(uri)
     prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
     existing = {}
@@ -374,25 +374,24 @@ def prepare_dataset(data_uri: str, source: str | os.PathLike | None = None, url:
 def prepare_data(cfg, source: str | None, local: bool) -> str:
     """run_pipeline.py --prepare-data: returns the data URI the pipeline reads."""
     data = cfg.data
-    kwargs = dict(url=getattr(data, "url", None) or DOGIMAGES_URL,
-                  sha256=getattr(data, "sha256", None) or DOGIMAGES_SHA256,
-                  strict=getattr(data, "strict", True),
-                  cache_dir=Path(getattr(data, "cache_dir", None) or DEFAULT_CACHE))
+    kwargs = dict(url=data.url or DOGIMAGES_URL,
+                  sha256=data.sha256 or DOGIMAGES_SHA256,
+                  strict=data.strict,
+                  cache_dir=Path(data.cache_dir or DEFAULT_CACHE))
     try:
         if local:
             from pipeline.local.store import LocalStore
-            return prepare_dataset(data.s3_uri, source, store=LocalStore(), **kwargs)
+            return prepare_dataset(data.uri, source, store=LocalStore(), **kwargs)
         import boto3
 
         from pipeline.aws import AwsSetupError, check_bucket, check_credentials, check_region
-        from pipeline.local.store import split_s3_uri
         try:
-            session = boto3.Session(region_name=check_region(cfg.region))
+            session = boto3.Session(region_name=check_region(cfg.aws.region))
             check_credentials(session)
-            check_bucket(session, split_s3_uri(data.s3_uri)[0], cfg.region)
+            check_bucket(session, split_s3_uri(data.uri)[0], cfg.aws.region)
         except AwsSetupError as e:  # before the 1 GB download, not after
             raise DataError(str(e))
-        return prepare_dataset(data.s3_uri, source, s3=session.client("s3"), **kwargs)
+        return prepare_dataset(data.uri, source, s3=session.client("s3"), **kwargs)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)

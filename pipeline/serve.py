@@ -252,11 +252,6 @@ def build_app(model_dir: Path, *, program: str | None = None, max_batch_size: in
     state = {"ready": False, "batcher": None, "handlers": None}
     io_pool = ThreadPoolExecutor(io_threads, thread_name_prefix="io")
 
-    def access(request, status: int, started: float, batch: int = 0):
-        client = request.client.host if request.client else "-"
-        log.info('%s "%s %s" %d %.1fms batch=%d', client, request.method, request.url.path, status,
-                 (time.perf_counter() - started) * 1000, batch)
-
     def load():
         handlers = Handlers(model_dir, program)
         handlers.load()
@@ -267,8 +262,10 @@ def build_app(model_dir: Path, *, program: str | None = None, max_batch_size: in
         loop = asyncio.get_running_loop()
         try:
             state["handlers"] = handlers = await loop.run_in_executor(io_pool, load)
-        except Exception:
-            log.exception("model_fn failed: the endpoint cannot serve %s", model_dir)
+        except Exception as err:
+            log.error("loading the model failed", exc_info=err)
+            first_line = (str(err).strip().splitlines() or [""])[0]
+            log.error("model_fn failed, so the endpoint cannot serve %s: %s: %s", model_dir, type(err).__name__, first_line)
             if on_load_failure:
                 on_load_failure()
             return
@@ -288,9 +285,7 @@ def build_app(model_dir: Path, *, program: str | None = None, max_batch_size: in
             state["batcher"].executor.shutdown(wait=False, cancel_futures=True)
 
     async def ping(request):
-        started = time.perf_counter()
         status = 200 if state["ready"] else 503
-        access(request, status, started)
         return JSONResponse({"status": "ready" if state["ready"] else "loading"}, status_code=status)
 
     async def read_body(request) -> bytes:
@@ -332,7 +327,7 @@ def build_app(model_dir: Path, *, program: str | None = None, max_batch_size: in
         return Response(answer, media_type=answer_type, headers={"X-Batch-Size": str(meta["batch"])})
 
     async def invocations(request):
-        started, meta = time.perf_counter(), {"batch": 0}
+        meta = {"batch": 0}
         try:
             if not state["ready"]:
                 raise HTTPError(503, "model is still loading: retry when GET /ping answers 200")
@@ -346,11 +341,38 @@ def build_app(model_dir: Path, *, program: str | None = None, max_batch_size: in
             if status >= 500:
                 log.error("handler error on %s", request.url.path, exc_info=err)
             response = JSONResponse({"error": message}, status_code=status)
-        access(request, response.status_code, started, meta["batch"])
         return response
 
+    async def not_routed(request, exc):
+        return JSONResponse({"error": f"{request.method} {request.url.path}: {exc.detail}; this endpoint serves "
+                                      "GET /ping and POST /invocations"}, status_code=exc.status_code)
+
     routes = [Route("/ping", ping, methods=["GET"]), Route("/invocations", invocations, methods=["POST"])]
-    return Starlette(routes=routes, lifespan=lifespan)
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={404: not_routed, 405: not_routed})
+    return access_log(app)
+
+
+def access_log(app):
+    """One log line per HTTP request: client, request, status, latency, batch size."""
+    async def logged(scope, receive, send):
+        if scope["type"] != "http":
+            return await app(scope, receive, send)
+        started, seen = time.perf_counter(), {"status": 0, "batch": "0"}
+
+        async def send_and_note(message):
+            if message["type"] == "http.response.start":
+                seen["status"] = message["status"]
+                seen["batch"] = dict(message.get("headers", [])).get(b"x-batch-size", b"0").decode()
+            await send(message)
+
+        try:
+            await app(scope, receive, send_and_note)
+        finally:
+            client = scope.get("client") or ("-",)
+            log.info('%s "%s %s" %d %.1fms batch=%s', client[0], scope["method"], scope["path"], seen["status"],
+                     (time.perf_counter() - started) * 1000, seen["batch"])
+
+    return logged
 
 
 def _warm_up(handlers: Handlers):
@@ -434,10 +456,10 @@ def _server_class():
 
 
 class Endpoint:
-    """A server subprocess (see launch). `url` is known once wait_ready() returns."""
+    """A server subprocess (see launch). With port 0, `url` is known once wait_ready() returns."""
 
-    def __init__(self, process: subprocess.Popen, url_file: Path, log_path: Path):
-        self.process, self.url_file, self.log_path, self.url = process, url_file, log_path, None
+    def __init__(self, process: subprocess.Popen, url_file: Path, log_path: Path, url: str | None = None):
+        self.process, self.url_file, self.log_path, self.url = process, url_file, log_path, url
 
     @property
     def pid(self) -> int:
@@ -501,7 +523,7 @@ def launch(model: str | os.PathLike, host: str = "127.0.0.1", port: int = 0, env
     with open(log_path, "ab") as out:
         process = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdin=subprocess.DEVNULL,
                                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    return Endpoint(process, url_file, log_path)
+    return Endpoint(process, url_file, log_path, url=f"http://{host}:{port}" if port else None)
 
 
 def main(argv: list[str] | None = None) -> int:

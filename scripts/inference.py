@@ -53,6 +53,10 @@ TOP_K = 5
 # hold gigapixels of one colour). 40 MP = four 10-megapixel photos.
 MAX_PIXELS = int(os.environ.get("INFERENCE_MAX_PIXELS", 40_000_000))
 MAX_INSTANCES = int(os.environ.get("INFERENCE_MAX_INSTANCES", 64))
+# Training's loader (train_lib.load_image) decodes JPEGs at a reduced DCT scale
+# while both sides stay >= the resize size; serving must see the same pixels.
+# model_fn sets it: the toolkit and our server call model_fn before any input_fn.
+_decode = {"min_size": None}
 
 try:  # the toolkit turns its own error type into the HTTP status and message
     from sagemaker_inference.errors import GenericInferenceToolkitError as _ToolkitError
@@ -95,7 +99,8 @@ modeling = _load_modeling()
 
 
 def eval_transform(meta: dict) -> transforms.Compose:
-    """The evaluation transform of training: resize the short side, centre crop, normalise."""
+    """Training's evaluation transform (train_lib.eval_transform, which is not shipped
+    in code/): resize the short side, centre crop, normalise."""
     return transforms.Compose([
         transforms.Resize(int(meta["resize_size"]), interpolation=transforms.InterpolationMode.BILINEAR, antialias=True),
         transforms.CenterCrop(int(meta["image_size"])),
@@ -109,6 +114,7 @@ def model_fn(model_dir: str) -> dict:
     net, meta = modeling.load_model(model_dir, device=device)
     net = net.to(memory_format=torch.channels_last).eval()
     labels = list(meta.get("labels") or [modeling.breed_label(c) for c in meta["classes"]])
+    _decode["min_size"] = int(meta["resize_size"])
     return {"net": net, "meta": meta, "labels": labels, "transform": eval_transform(meta), "device": device}
 
 
@@ -125,6 +131,8 @@ def _decode_image(raw: bytes, what: str, pixel_budget: int) -> Image.Image:
         if width * height > pixel_budget:
             raise InferenceError(413, f"{what} is {width}x{height} pixels: over the limit of {MAX_PIXELS} "
                                       f"pixels per request (INFERENCE_MAX_PIXELS); send a smaller image")
+        if _decode["min_size"] and image.format == "JPEG":
+            image.draft("RGB", (_decode["min_size"], _decode["min_size"]))
         image = ImageOps.exif_transpose(image)
         image.load()  # decodes: a truncated file fails here
     except InferenceError:

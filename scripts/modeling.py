@@ -6,6 +6,7 @@ same module tree and a state_dict saved by one loads in the other.
 """
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import re
@@ -79,12 +80,15 @@ def build_model(arch: str, num_classes: int, weights: str = "none") -> nn.Module
     to a state_dict / torchvision checkpoint of the backbone (for accounts
     without internet); its own head, if any, is dropped.
     """
-    try:
-        builder_weights = resolve_weights(arch, weights)
-        model = torchvision.models.get_model(arch, weights=builder_weights)
-    except ValueError as err:
-        known = ", ".join(sorted(torchvision.models.list_models(module=torchvision.models))[:12])
-        raise ValueError(f"--arch {arch!r}: {err} (torchvision classification models, e.g. {known}, ...)") from err
+    # classification models only: get_model() would also build detection/video models
+    known = torchvision.models.list_models(module=torchvision.models)
+    if arch not in known:
+        close = difflib.get_close_matches(arch, known, n=4, cutoff=0.5)
+        raise ValueError(f"--arch {arch!r}: not a torchvision classification model"
+                         + (f"; did you mean {', '.join(close)}?" if close else "")
+                         + f" (e.g. resnet50, resnet18, mobilenet_v3_small, efficientnet_b0; {len(known)} in all)")
+    builder_weights = resolve_weights(arch, weights)
+    model = torchvision.models.get_model(arch, weights=builder_weights)
     if weights not in ("imagenet", "none"):
         path = Path(weights)
         if not path.is_file():

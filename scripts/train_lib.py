@@ -38,6 +38,8 @@ SCRIPTS_DIR = Path(__file__).resolve().parent
 SPLITS = ("train", "valid", "test")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 CHECKPOINT_FILE = "checkpoint.pt"
+# SageMaker syncs /opt/ml/checkpoints with checkpoint_s3_uri; outside a container, ./checkpoints
+DEFAULT_CHECKPOINT_DIR = "/opt/ml/checkpoints" if Path("/opt/ml").is_dir() else "checkpoints"
 # Files that make the model dir a deployable model.tar.gz (SAGEMAKER_PROGRAM=inference.py).
 CODE_FILES = ("inference.py", "modeling.py")
 INFERENCE_REQUIREMENTS = "requirements-inference.txt"
@@ -72,25 +74,26 @@ def parse_bool(text: str) -> bool:
         return True
     if value in ("false", "0", "no", "off", ""):
         return False
-    raise argparse.ArgumentTypeError(f"{text!r} is not a boolean (true/false)")
+    raise argparse.ArgumentTypeError(f"{value!r} is not a boolean (true/false)")
 
 
 def _int(text: str) -> int:
     value = unquote(text)
     try:
-        number = float(value)
+        number = float(value)  # a tuner may send 64.0
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        number = math.nan
     if not number.is_integer():
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer")
+        raise argparse.ArgumentTypeError(f"{value!r} is not an integer")
     return int(number)
 
 
 def _float(text: str) -> float:
+    value = unquote(text)
     try:
-        return float(unquote(text))
+        return float(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
 
 
 def _str(text: str) -> str:
@@ -152,7 +155,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     add("--test", type=_str, default=_env("SM_CHANNEL_TEST"))
     add("--model-dir", type=_str, default=_env("SM_MODEL_DIR", default="model"))
     add("--output-data-dir", type=_str, default=_env("SM_OUTPUT_DATA_DIR", default="output"))
-    add("--checkpoint-dir", type=_str, default=_env("SM_CHECKPOINT_DIR", default="/opt/ml/checkpoints"),
+    add("--checkpoint-dir", type=_str, default=_env("SM_CHECKPOINT_DIR", default=DEFAULT_CHECKPOINT_DIR),
         help="per-epoch checkpoint; a restarted job resumes from it (spot)")
     return p
 
@@ -232,10 +235,14 @@ def _split_dir(root: Path, split: str) -> Path | None:
     return nested[0] if len(nested) == 1 and nested[0].is_dir() else None
 
 
-def data_dirs(args: argparse.Namespace) -> dict[str, Path]:
-    """Where each split lives: its own channel, else inside --data-dir / SM_CHANNEL_TRAINING."""
+def data_dirs(args: argparse.Namespace, require_test: bool = True) -> dict[str, Path]:
+    """Where each split lives: its own channel, else inside --data-dir / SM_CHANNEL_TRAINING.
+
+    require_test=False (tuning trials): no test split given is fine; the pipeline keeps
+    the test channel from the tuner so the search never sees it."""
     dirs = {}
     for split in SPLITS:
+        optional = split == "test" and not require_test
         explicit = getattr(args, split)
         env = f"SM_CHANNEL_{split.upper()}"
         if explicit:
@@ -249,9 +256,13 @@ def data_dirs(args: argparse.Namespace) -> dict[str, Path]:
             if not root.is_dir():
                 raise InputError(f"--data-dir {root}: no such directory (channel 'training', env SM_CHANNEL_TRAINING)")
             path = _split_dir(root, split)
+            if path is None and optional:
+                continue
             if path is None:
                 raise InputError(f"--data-dir {root}: has no {split}/ folder; expected train/ valid/ test/ "
                                  f"with one folder per class")
+        elif optional:
+            continue
         else:
             raise InputError(f"--{split}: no data given; pass --{split} DIR or --data-dir DIR, "
                              f"or set {env} (or SM_CHANNEL_TRAINING holding train/ valid/ test/)")
@@ -409,13 +420,15 @@ def eval_dataset(samples: list[tuple[Path, int]], crop: int, resize: int) -> Dat
 def build_loaders(samples, crop: int, resize: int, args, device, d: Dist) -> dict[str, DataLoader]:
     workers = resolve_num_workers(args)
     kw = dict(num_workers=workers, device=device, d=d, prefetch_factor=args.prefetch_factor)
-    return {
+    loaders = {
         "train": make_loader(train_dataset(samples["train"], crop, resize, args), args.batch_size, train=True,
                              seed=args.seed, **kw),
         "valid": make_loader(eval_dataset(samples["valid"], crop, resize), args.test_batch_size, train=False, **kw),
-        "test": make_loader(eval_dataset(samples["test"], crop, resize), args.test_batch_size, train=False,
-                            persistent=False, **kw),
     }
+    if "test" in samples:  # read once, at the end: no persistent workers
+        loaders["test"] = make_loader(eval_dataset(samples["test"], crop, resize), args.test_batch_size,
+                                      train=False, **{**kw, "persistent": False})
+    return loaders
 
 
 # ----------------------------------------------------------------------------- model, optimiser
@@ -476,7 +489,7 @@ def lr_factor(step: int, steps_per_epoch: int, epochs: int, freeze_epochs: int,
     warmup = int(warmup_epochs * steps_per_epoch)
     if step < warmup:
         return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    progress = min(1.0, (step - warmup) / max(1, total - warmup - 1))  # the last step at the floor
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
@@ -580,27 +593,21 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module,
                     optimizer: torch.optim.Optimizer, scheduler, scaler, ctx: Context,
                     max_steps: int, epoch: int, log_interval: float) -> dict:
     """Sums stay on the device (no .item() per step); one sync at the end."""
-    sums = torch.zeros(3, device=ctx.device, dtype=torch.float64)  # loss*n, correct, n
+    sums = torch.zeros(2, device=ctx.device, dtype=torch.float64)  # loss*n, correct
+    seen = 0  # a host int: building a tensor from it each step would sync CUDA
     steps = len(loader) if not max_steps else min(max_steps, len(loader))
-    data_wait = 0.0
+    data_wait, lr = 0.0, optimizer.param_groups[0]["lr"]
     start = last_log = time.perf_counter()
     batches = iter(loader)
     for step in range(steps):
         t0 = time.perf_counter()
         images, targets = next(batches)
         data_wait += time.perf_counter() - t0
-        images, targets = ctx.to_device(images, targets)
-        with ctx.autocast():
-            logits = model(images)
-            loss = criterion(logits, targets)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
+        lr = optimizer.param_groups[0]["lr"]  # the rate this step uses, for the epoch line
+        loss, correct = train_step(model, images, targets, criterion, optimizer, scheduler, scaler, ctx)
         n = targets.size(0)
-        sums += torch.stack([loss.detach().double() * n, (logits.argmax(1) == targets).sum().double(),
-                             torch.tensor(float(n), device=ctx.device, dtype=torch.float64)])
+        seen += n
+        sums += torch.stack([loss.double() * n, correct.double()])
         for cb in ctx.callbacks:
             cb.on_step()
         now = time.perf_counter()
@@ -608,9 +615,10 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module,
             last_log = now
             log(f"epoch {epoch}: step {step + 1}/{steps} {(step + 1) / (now - start):.2f} steps/s", ctx.d.rank)
     seconds = time.perf_counter() - start
-    loss_sum, correct, seen = all_reduce_sum(sums, ctx.d).tolist()
+    totals = torch.cat([sums, torch.tensor([float(seen)], dtype=torch.float64).to(ctx.device)])
+    loss_sum, correct, seen = all_reduce_sum(totals, ctx.d).tolist()
     seen = max(seen, 1.0)
-    return {"train_loss": loss_sum / seen, "train_acc": correct / seen, "steps": steps,
+    return {"train_loss": loss_sum / seen, "train_acc": correct / seen, "steps": steps, "lr": lr,
             "images_per_s": seen / max(seconds, 1e-9), "data_wait_s": data_wait}
 
 
@@ -695,7 +703,8 @@ def evaluate(model: nn.Module, loader: DataLoader, criterion: nn.Module, num_cla
     """Plain cross-entropy, top-1/top-5 accuracy and per-class accuracy over the
     whole split (every rank a shard, summed)."""
     k = min(5, num_classes)
-    sums = torch.zeros(4, device=ctx.device, dtype=torch.float64)  # loss*n, top1, topk, n
+    sums = torch.zeros(3, device=ctx.device, dtype=torch.float64)  # loss*n, top1, topk
+    seen = 0
     per_class = torch.zeros(2, num_classes, device=ctx.device, dtype=torch.float64)  # correct, total
     for images, targets in loader:
         images, targets = ctx.to_device(images, targets)
@@ -706,13 +715,15 @@ def evaluate(model: nn.Module, loader: DataLoader, criterion: nn.Module, num_cla
         hit1 = top[:, 0] == targets
         hitk = (top == targets[:, None]).any(dim=1)
         n = targets.size(0)
-        sums += torch.stack([loss.float().double() * n, hit1.sum().double(), hitk.sum().double(),
-                             torch.tensor(float(n), device=ctx.device, dtype=torch.float64)])
-        per_class[0] += torch.bincount(targets[hit1], minlength=num_classes).double()
-        per_class[1] += torch.bincount(targets, minlength=num_classes).double()
-    all_reduce_sum(sums, ctx.d)
+        seen += n
+        sums += torch.stack([loss.double() * n, hit1.sum().double(), hitk.sum().double()])
+        # index_add_, not boolean indexing: no device sync per batch
+        per_class[0].index_add_(0, targets, hit1.double())
+        per_class[1].index_add_(0, targets, torch.ones_like(targets, dtype=torch.float64))
+    totals = torch.cat([sums, torch.tensor([float(seen)], dtype=torch.float64).to(ctx.device)])
+    all_reduce_sum(totals, ctx.d)
     all_reduce_sum(per_class, ctx.d)
-    loss_sum, top1, topk, seen = sums.tolist()
+    loss_sum, top1, topk, seen = totals.tolist()
     correct, total = per_class.tolist()
     seen = max(seen, 1.0)
     return {"loss": loss_sum / seen, "accuracy": top1 / seen, "top5_accuracy": topk / seen, "count": int(seen),
@@ -733,6 +744,19 @@ def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def to_json(obj) -> str:
+    """Strict JSON: a diverged run's NaN/inf become null (json.dumps would write NaN)."""
+    def clean(x):
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v) for v in x]
+        return x
+    return json.dumps(clean(obj), indent=2, allow_nan=False)
 
 
 def cpu_state(model: nn.Module) -> dict:
@@ -773,7 +797,7 @@ def write_model_dir(model_dir: Path, state: dict, meta: dict, evaluation: dict) 
     model_dir.mkdir(parents=True, exist_ok=True)
     atomic_save(state, model_dir / modeling.MODEL_WEIGHTS_FILE)
     modeling.write_model_meta(model_dir, meta)
-    atomic_write_text(model_dir / "evaluation.json", json.dumps(evaluation, indent=2))
+    atomic_write_text(model_dir / "evaluation.json", to_json(evaluation))
     code = model_dir / "code"
     code.mkdir(exist_ok=True)
     for name in CODE_FILES:
@@ -820,13 +844,13 @@ def write_failure(message: str) -> None:
 
 # ----------------------------------------------------------------------------- main
 
-def run(args: argparse.Namespace, callbacks: list[Callbacks] = ()) -> dict:
+def run(args: argparse.Namespace, callbacks: list[Callbacks] = (), require_test: bool = True) -> dict:
     """Train, keep the best-by-validation weights, evaluate once on test, write outputs.
     Returns evaluation.json's content."""
     callbacks = list(callbacks)
     d, device = setup_distributed()
     try:
-        return _run(args, callbacks, d, device)
+        return _run(args, callbacks, d, device, require_test)
     finally:
         for cb in callbacks:
             cb.close()
@@ -834,19 +858,19 @@ def run(args: argparse.Namespace, callbacks: list[Callbacks] = ()) -> dict:
             dist.destroy_process_group()
 
 
-def _run(args, callbacks, d: Dist, device: torch.device) -> dict:
+def _run(args, callbacks, d: Dist, device: torch.device, require_test: bool) -> dict:
     random.seed(args.seed)
     torch.manual_seed(args.seed)
-    classes, samples = scan_dataset(data_dirs(args))
+    classes, samples = scan_dataset(data_dirs(args, require_test))
     weights = resolve_weights_path(args.weights, args)
-    log(f"data: {len(classes)} classes, " + ", ".join(f"{s}={len(samples[s])}" for s in SPLITS)
+    log(f"data: {len(classes)} classes, " + ", ".join(f"{s}={len(v)}" for s, v in samples.items())
         + f"; device={device} world={d.world}", d.rank)
 
-    # rank 0 first, so only one process downloads pretrained weights into the cache
-    if d.enabled and d.rank != 0:
+    # local rank 0 first, so one process per host downloads pretrained weights into its cache
+    if d.enabled and d.local_rank != 0:
         dist.barrier()
     model = build_model(args.arch, len(classes), weights)
-    if d.enabled and d.rank == 0:
+    if d.enabled and d.local_rank == 0:
         dist.barrier()
     resize, crop = modeling.eval_geometry(args.arch, weights, args.image_size, args.resize_size)
     ctx = make_context(args, device, d, callbacks)
@@ -873,7 +897,8 @@ def _run(args, callbacks, d: Dist, device: torch.device) -> dict:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
+        if ckpt["scaler"]:  # empty when saved without fp16
+            scaler.load_state_dict(ckpt["scaler"])
         set_rng_state(ckpt["rng"], device)
         state.update({k: ckpt[k] for k in state})
         log(f"resuming from {ckpt_path} after epoch {state['epoch']} "
@@ -906,22 +931,25 @@ def _run(args, callbacks, d: Dist, device: torch.device) -> dict:
         start = time.perf_counter()
         # head-only: frozen BatchNorm statistics too (train mode would still update them)
         wrapped.train(phase == "full")
-        net, train_batches, valid_batches = wrapped, loaders["train"], loaders["valid"]
+        net, eval_net, train_batches, valid_batches = wrapped, model, loaders["train"], loaders["valid"]
         if phase == "head" and args.cache_features and not d.enabled:
             if features is None:
                 features = cache_features(model, samples, crop, resize, args, ctx, loaders["valid"], d)
-            net, train_batches, valid_batches = head_module(model), features["train"], features["valid"]
+            net = eval_net = head_module(model)
+            train_batches, valid_batches = features["train"], features["valid"]
         train_batches.sampler.set_epoch(epoch)
         criterion.train()
         for cb in callbacks:
             cb.on_mode("train")
         train = train_one_epoch(net, train_batches, criterion, optimizer, scheduler, scaler, ctx,
                                 args.max_steps_per_epoch, epoch, args.log_interval)
-        wrapped.eval()
+        # evaluate the bare module: DDP's forward would sync buffers across ranks
+        # whose shards may differ by a batch
+        model.eval()
         criterion.eval()
         for cb in callbacks:
             cb.on_mode("eval")
-        valid = evaluate(net, valid_batches, criterion, len(classes), ctx)
+        valid = evaluate(eval_net, valid_batches, criterion, len(classes), ctx)
         seconds = time.perf_counter() - start
 
         improved = valid["loss"] < state["best_loss"]  # NaN never improves
@@ -932,7 +960,7 @@ def _run(args, callbacks, d: Dist, device: torch.device) -> dict:
         state["stopped"] = bool(args.patience) and state["bad_epochs"] >= args.patience
         row = {"epoch": epoch, "phase": phase, "train_loss": train["train_loss"], "train_acc": train["train_acc"],
                "valid_loss": valid["loss"], "valid_acc": valid["accuracy"],
-               "valid_top5_acc": valid["top5_accuracy"], "lr": scheduler.get_last_lr()[0],
+               "valid_top5_acc": valid["top5_accuracy"], "lr": train["lr"],
                "seconds": seconds, "images_per_s": train["images_per_s"], "data_wait_s": train["data_wait_s"]}
         state["history"].append(row)
         state["epoch"] = epoch
@@ -956,7 +984,11 @@ def _run(args, callbacks, d: Dist, device: torch.device) -> dict:
     criterion.eval()
     for cb in callbacks:
         cb.on_mode("eval")
-    test = evaluate(model, loaders["test"], criterion, len(classes), ctx)
+    if "test" in loaders:
+        test = evaluate(model, loaders["test"], criterion, len(classes), ctx)
+    else:
+        test = {"loss": None, "accuracy": None, "top5_accuracy": None, "count": 0, "per_class": []}
+        log("no test split given: test metrics not reported (tuning trials never see the test channel)", d.rank)
 
     labels = [modeling.breed_label(c) for c in classes]
     evaluation = {
@@ -971,28 +1003,30 @@ def _run(args, callbacks, d: Dist, device: torch.device) -> dict:
                         ("average test loss", test["loss"]),
                         ("test accuracy", test["accuracy"]),
                         ("test top5 accuracy", test["top5_accuracy"])):
-        log(metrics.format_summary(name, value), d.rank)
+        if value is not None:
+            log(metrics.format_summary(name, value), d.rank)
 
     if d.rank == 0:
         meta = {"arch": args.arch, "classes": classes, "labels": labels, "image_size": crop,
                 "resize_size": resize, "mean": list(modeling.IMAGENET_MEAN), "std": list(modeling.IMAGENET_STD)}
         write_model_dir(Path(args.model_dir), cpu_state(model), meta, evaluation)
         out = Path(args.output_data_dir)
-        atomic_write_text(out / "evaluation.json", json.dumps(evaluation, indent=2))
-        atomic_write_text(out / "history.json", json.dumps(state["history"], indent=2))
+        atomic_write_text(out / "evaluation.json", to_json(evaluation))
+        atomic_write_text(out / "history.json", to_json(state["history"]))
         plot_history(state["history"], out / "loss_curve.png", state["best_epoch"])
         log(f"wrote model to {args.model_dir}, evaluation/history/loss curve to {out}", d.rank)
     return evaluation
 
 
-def main(argv: list[str] | None = None, prog: str | None = None, extend=None, make_callbacks=None) -> int:
+def main(argv: list[str] | None = None, prog: str | None = None, extend=None, make_callbacks=None,
+         require_test: bool = True) -> int:
     """Entry point body: parse, run, turn bad input into one clear line and exit 1.
 
     extend(parser) adds flags; make_callbacks(args) -> list of Callbacks."""
     args = parse_args(argv, prog, extend)
     try:
         callbacks = make_callbacks(args) if make_callbacks else []
-        run(args, callbacks)
+        run(args, callbacks, require_test)
     except InputError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         write_failure(str(err))

@@ -65,6 +65,8 @@ def make_debugger(args) -> Debugger | None:
     config = debug_config_path()
     if not (config.is_file() or args.debug_out):
         return None
+    # smdebug logs a line per parameter at INFO; our own line below says where it writes
+    os.environ.setdefault("SMDEBUG_LOG_LEVEL", "warning")
     try:  # lazily: the PyTorch >= 2.3 containers have no smdebug
         from smdebug.pytorch import Hook, SaveConfig, modes
     except Exception as err:  # ImportError, or a broken install (protobuf ...)

@@ -11,7 +11,7 @@ from sagemaker.workflow.functions import Join
 
 def gate_step(cfg, session, *, step_train, step_model, params, retry_policies) -> ConditionStep:
     metric = step_train.properties.FinalMetricDataList[cfg.gate.metric].Value
-    tags = [{"Key": k, "Value": v} for k, v in cfg.tags.items()]
+    tags = cfg.resource_tags()
     config = EndpointConfigStep(
         name="CreateEndpointConfig",
         display_name="Create endpoint config",
@@ -21,7 +21,7 @@ def gate_step(cfg, session, *, step_train, step_model, params, retry_policies) -
             model_name=step_model.properties.ModelName,
             initial_instance_count=params.endpoint_instance_count,
             instance_type=params.endpoint_instance_type,
-            tags=tags or None,
+            tags=tags,
         ),
         retry_policies=retry_policies,
     )
@@ -31,7 +31,7 @@ def gate_step(cfg, session, *, step_train, step_model, params, retry_policies) -
         description=f"Create endpoint '{cfg.endpoint.name}', or update it to the new config.",
         step_args=session.create_endpoint(endpoint_name=cfg.endpoint.name,
                                           config_name=config.properties.EndpointConfigName,
-                                          tags=tags or None, wait=False),
+                                          tags=tags, wait=False),
     )
     fail = FailStep(
         name="AccuracyTooLow",

@@ -30,7 +30,7 @@ def model_steps(cfg, session, *, step_train, image_uri: str, params, retry_polic
         name="Model",
         display_name="Create model",
         description="SageMaker Model of the trained model.tar.gz (code/inference.py inside).",
-        step_args=model.create(instance_type=cfg.endpoint.instance_type),
+        step_args=model.create(instance_type=cfg.endpoint.instance_type, tags=cfg.resource_tags()),
         retry_policies=retry_policies,
     )
     metric = step_train.properties.FinalMetricDataList[cfg.gate.metric].Value

@@ -57,7 +57,7 @@ def estimator(cfg, session, *, entry_point: str, code_uri: str, image_uri: str, 
         output_path=f"{cfg.s3_root}/jobs",
         hyperparameters={k: flag_value(v) for k, v in hyperparameters.items()},
         metric_definitions=metric_definitions,
-        tags=[{"Key": k, "Value": v} for k, v in cfg.tags.items()] or None,
+        tags=cfg.resource_tags(),
         sagemaker_session=session,
         **kwargs,
     )

@@ -43,7 +43,7 @@ def tuning_step(cfg, session, *, code_uri: str, image_uri: str, params, metric_d
         max_parallel_jobs=t.max_parallel_jobs,
         early_stopping_type=t.early_stopping,
         random_seed=t.random_seed,
-        tags=[{"Key": k, "Value": v} for k, v in cfg.tags.items()] or None,
+        tags=cfg.resource_tags(),
     )
     return TuningStep(
         name="TuneHyperparameters",

@@ -6,12 +6,13 @@
         boto3.client("s3").create_bucket(Bucket="b")
 
 `moto_server` (module scope) starts moto's ThreadedMotoServer on a free loopback port
-and yields its URL; `aws_env` resets moto's state and sets AWS_ENDPOINT_URL, fake
+(in a child process) and yields its URL; `aws_env` resets moto's state and sets AWS_ENDPOINT_URL, fake
 credentials and the region for one test, with no shared config/credentials files read.
 """
 from __future__ import annotations
 
-import logging
+import subprocess
+import sys
 import urllib.request
 
 import pytest
@@ -22,13 +23,42 @@ SAGEMAKER_TRUST = ('{"Version": "2012-10-17", "Statement": [{"Effect": "Allow", 
                    '"Principal": {"Service": "sagemaker.amazonaws.com"}, "Action": "sts:AssumeRole"}]}')
 
 
-def start_moto() -> tuple[object, str]:
-    from moto.server import ThreadedMotoServer
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no access log per request
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    return server, f"http://{host}:{port}"
+# moto's ThreadedMotoServer, in a child process: an in-process server would share its state
+# with any `mock_aws()` block in the test process (the offline definition build uses one),
+# and entering or leaving such a block resets every backend. The child exits when its stdin closes.
+_SERVER = """
+import logging, sys
+from moto.server import ThreadedMotoServer
+logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no access log per request
+server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+server.start()
+print(server.get_host_and_port()[1], flush=True)
+sys.stdin.read()
+"""
+
+
+class MotoProcess:
+    def __init__(self):
+        self.proc = subprocess.Popen([sys.executable, "-c", _SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True)
+        port = self.proc.stdout.readline().strip()
+        if not port.isdigit():
+            self.stop()
+            raise RuntimeError(f"moto server did not start (exit code {self.proc.returncode})")
+        self.url = f"http://127.0.0.1:{port}"
+
+    def stop(self) -> None:
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def start_moto() -> tuple[MotoProcess, str]:
+    server = MotoProcess()
+    return server, server.url
 
 
 def reset_moto(url: str) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import datetime as dt
 import io
 import json
+import re
+from pathlib import Path
 from types import SimpleNamespace
 
 import boto3
@@ -20,6 +22,7 @@ DEFINITION = json.dumps({
     "Version": "2020-12-01", "Metadata": {},
     "Parameters": [
         {"Name": "AccuracyThreshold", "Type": "Float", "DefaultValue": 0.7},
+        {"Name": "DataUri", "Type": "String", "DefaultValue": f"s3://{BUCKET}/dogImages/"},
         {"Name": "MaxTrials", "Type": "Integer", "DefaultValue": 4},
         {"Name": "TrainingInstanceType", "Type": "String", "DefaultValue": "ml.g4dn.xlarge"},
     ],
@@ -27,10 +30,11 @@ DEFINITION = json.dumps({
 })
 
 
-def make_cfg(**over):
-    base = dict(pipeline_name="dogbreed", region=REGION, role_arn=ROLE_ARN, bucket=BUCKET,
-                tags={"project": "dogbreed", "owner": "ml-team"})
-    return SimpleNamespace(**{**base, **over})
+def make_cfg(name="dogbreed", region=REGION, role=ROLE_ARN, bucket=BUCKET, data_uri=f"s3://{BUCKET}/dogImages/"):
+    """The fields of pipeline.config.Config that pipeline.aws reads."""
+    return SimpleNamespace(pipeline=SimpleNamespace(name=name, description="tune, train, deploy"),
+                           aws=SimpleNamespace(region=region, role=role, bucket=bucket),
+                           data=SimpleNamespace(uri=data_uri), tags={"project": "dogbreed", "owner": "ml-team"})
 
 
 @pytest.fixture
@@ -38,13 +42,14 @@ def account(aws_env):
     """A moto account with the role and the bucket the infra/ stack would create."""
     boto3.client("iam").create_role(RoleName="dogbreed-sagemaker", AssumeRolePolicyDocument=SAGEMAKER_TRUST)
     boto3.client("s3").create_bucket(Bucket=BUCKET)
+    boto3.client("s3").put_object(Bucket=BUCKET, Key="dogImages/train/001.Affenpinscher/a.jpg", Body=b"jpg")
     return boto3.client("sagemaker")
 
 
-def run_execute(cfg, definition=DEFINITION, params=(), wait=False, display_name=None):
+def run_execute(cfg, definition=DEFINITION, params=(), wait=False, display_name=None, uploads=None):
     out = io.StringIO()
     rc = aws.execute(cfg, definition, params=list(params), wait=wait, display_name=display_name,
-                     out=out, sleep=lambda s: None)
+                     uploads=uploads, out=out, sleep=lambda s: None)
     return rc, out.getvalue()
 
 
@@ -104,7 +109,7 @@ def test_large_definition_goes_through_s3(account):
     big["Metadata"] = {"padding": "x" * (aws.INLINE_DEFINITION_LIMIT + 10)}
     rc, out = run_execute(make_cfg(), definition=json.dumps(big))
     assert rc == 0, out
-    keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=BUCKET)["Contents"]]
+    keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=BUCKET, Prefix="dogbreed/")["Contents"]]
     assert len(keys) == 1 and keys[0].startswith("dogbreed/definitions/")
     body = boto3.client("s3").get_object(Bucket=BUCKET, Key=keys[0])["Body"].read()
     assert json.loads(body) == big
@@ -122,12 +127,13 @@ def _no_pipeline_created(sm) -> bool:
     ("no-credentials", {}, "no AWS credentials found"),
     ("", {"region": "us-eats-1"}, "region 'us-eats-1' is not a SageMaker region"),
     ("", {"region": None}, "no AWS region"),
-    ("", {"role_arn": "dogbreed-sagemaker"}, "is not an IAM role ARN"),
-    ("", {"role_arn": f"arn:aws:iam::{ACCOUNT}:role/missing"}, "IAM role 'missing' does not exist"),
-    ("untrusting-role", {"role_arn": f"arn:aws:iam::{ACCOUNT}:role/lambda-only"},
+    ("", {"role": "dogbreed-sagemaker"}, "is not an IAM role ARN"),
+    ("", {"role": f"arn:aws:iam::{ACCOUNT}:role/missing"}, "IAM role 'missing' does not exist"),
+    ("untrusting-role", {"role": f"arn:aws:iam::{ACCOUNT}:role/lambda-only"},
      "does not trust sagemaker.amazonaws.com"),
     ("", {"bucket": "no-such-bucket"}, "S3 bucket 'no-such-bucket' does not exist"),
     ("", {"bucket": None}, "no S3 bucket"),
+    ("", {"data_uri": f"s3://{BUCKET}/elsewhere/"}, f"no data at s3://{BUCKET}/elsewhere/: run"),
     ("eu-bucket", {"bucket": "bucket-in-europe"}, "is in eu-west-1, but the pipeline runs in us-east-1"),
 ])
 def test_preflight_errors_create_nothing(account, monkeypatch, capsys, setup, cfg_over, message):
@@ -151,7 +157,7 @@ def test_preflight_errors_create_nothing(account, monkeypatch, capsys, setup, cf
 
 @pytest.mark.parametrize("params, message", [
     (["Threshold=0.5"], "unknown pipeline parameter 'Threshold'; the definition declares: AccuracyThreshold, "
-                        "MaxTrials, TrainingInstanceType"),
+                        "DataUri, MaxTrials, TrainingInstanceType"),
     (["MaxTrials=two"], "MaxTrials is of type Integer"),
     (["AccuracyThreshold"], "--param expects NAME=VALUE"),
 ])
@@ -160,6 +166,19 @@ def test_bad_params_are_refused_before_any_call(account, capsys, params, message
     assert rc == 2
     assert message in capsys.readouterr().err
     assert _no_pipeline_created(account)
+
+
+def test_code_is_uploaded_once_and_data_uri_param_is_checked(account):
+    code = {f"s3://{BUCKET}/dogbreed/code/0123/sourcedir.tar.gz": b"tarball bytes"}
+    cfg = make_cfg(data_uri=f"s3://{BUCKET}/not-prepared/")
+    # The config's data URI is empty, but the execution reads DataUri from --param.
+    rc, out = run_execute(cfg, params=[f"DataUri=s3://{BUCKET}/dogImages/"], uploads=code)
+    assert rc == 0, out
+    assert f"uploaded s3://{BUCKET}/dogbreed/code/0123/sourcedir.tar.gz" in out
+    body = boto3.client("s3").get_object(Bucket=BUCKET, Key="dogbreed/code/0123/sourcedir.tar.gz")["Body"].read()
+    assert body == b"tarball bytes"
+    rc, out = run_execute(cfg, params=[f"DataUri=s3://{BUCKET}/dogImages/"], uploads=code)
+    assert rc == 0 and "uploaded" not in out  # unchanged: not sent again
 
 
 def test_bad_display_name(account, capsys):
@@ -233,6 +252,21 @@ def test_wait_shows_step_table_backs_off_and_reports_failure(stubbed):
     assert "step AccuracyTooLow: Fail step AccuracyTooLow was reached" in report
     assert "step AccuracyTooLow (FailStep) says: test accuracy 0.41 is below the threshold 0.7" in report
     assert "TrainBestModel:" not in report  # succeeded steps are not reported
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_wait_redraws_the_table_in_place_on_a_terminal(stubbed):
+    sm, stub = stubbed
+    _poll(stub, "Executing", [_step("TuneHyperparameters", "Executing", 0)])
+    _poll(stub, "Succeeded", [_step("TuneHyperparameters", "Succeeded", 0), _step("TrainBestModel", "Succeeded", 2)])
+    out = Terminal()
+    aws.wait_execution(sm, EXEC_ARN, out=out, sleep=lambda s: None)
+    first, second = out.getvalue().split("\x1b[3F\x1b[J")  # 3 lines: status, header, one step
+    assert "TuneHyperparameters  Executing" in first and "TrainBestModel" in second
 
 
 def test_wait_reports_failed_training_step(stubbed):
@@ -313,3 +347,57 @@ def test_cleanup_without_credentials(aws_env, monkeypatch, capsys):
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
     assert aws.cleanup(make_cfg(), assume_yes=True, out=io.StringIO()) == 2
     assert "no AWS credentials found" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- the real CLI, config and definition
+
+ROOT = Path(__file__).resolve().parents[1]
+needs_definition = pytest.mark.skipif(not (ROOT / "pipeline" / "definition.py").exists(),
+                                      reason="pipeline/definition.py not merged yet")
+
+
+def _deploy_steps(definition: dict) -> list[dict]:
+    steps, todo = [], list(definition["Steps"])
+    while todo:
+        step = todo.pop()
+        todo += step.get("Arguments", {}).get("IfSteps", []) + step.get("Arguments", {}).get("ElseSteps", [])
+        if step["Type"] in ("Model", "EndpointConfig", "Endpoint"):
+            steps.append(step)
+    return steps
+
+
+@needs_definition
+def test_cli_execute_wait_with_the_real_definition(account, tmp_path):
+    import run_pipeline
+    out_json = tmp_path / "definition.json"
+    rc = run_pipeline.main(["--config", str(ROOT / "pipeline.yaml"), "--region", REGION, "--role", ROLE_ARN,
+                            "--bucket", BUCKET, "--definition", str(out_json), "--execute", "--wait",
+                            "--param", f"DataUri=s3://{BUCKET}/dogImages/", "--param", "AccuracyThreshold=0.9",
+                            "--display-name", "cli-test"])
+    assert rc == 0
+    definition = json.loads(out_json.read_text())
+    name = definition.get("PipelineName") or next(
+        p["PipelineName"] for p in account.list_pipelines()["PipelineSummaries"])
+    pipeline = account.describe_pipeline(PipelineName=name)
+    assert pipeline["RoleArn"] == ROLE_ARN
+    # The code the definition points at is in the (moto) bucket, not only in the offline build.
+    code = [k for k in re.findall(rf"s3://{BUCKET}/[^\"' ]+sourcedir\.tar\.gz", out_json.read_text())]
+    assert code, "the definition references no code tarball in the bucket"
+    for uri in set(code):
+        boto3.client("s3").head_object(Bucket=BUCKET, Key=uri[len(f"s3://{BUCKET}/"):])
+
+
+@needs_definition
+def test_definition_tags_what_cleanup_deletes():
+    """The contract with pipeline/definition.py: Model, EndpointConfig and Endpoint steps carry
+    aws.PIPELINE_TAG = the pipeline name, which --cleanup looks for."""
+    from pipeline.config import load_config
+    from pipeline.definition import build_definition
+    cfg = load_config(ROOT / "pipeline.yaml")
+    definition = json.loads(build_definition(cfg))
+    name = cfg.pipeline.name
+    deploy = _deploy_steps(definition)
+    assert {s["Type"] for s in deploy} == {"Model", "EndpointConfig", "Endpoint"}
+    for step in deploy:
+        tags = {t["Key"]: t["Value"] for t in step["Arguments"].get("Tags", [])}
+        assert tags.get(aws.PIPELINE_TAG) == name, (step["Name"], tags)

@@ -10,15 +10,17 @@ import threading
 import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from types import SimpleNamespace
 
 import boto3
 import pytest
 
 from pipeline import data
+from pipeline.config import load_config
 from pipeline.local.store import LocalStore
 from pipeline.sample_data import DOG_CLASS_DIRS, generate_dataset
 from tests._aws_helpers import aws_env, moto_server  # noqa: F401
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -204,16 +206,24 @@ def test_verify_consistency_and_strict_dog_layout(tiny, tmp_path):
     assert f"train/ has empty class folders: {DOG_CLASS_DIRS[2]}" in text
 
 
-def test_verify_accepts_the_real_layout_shape(tmp_path):
-    # All 133 classes with dogImages' split sizes, as empty-ish files: strict passes.
-    root = tmp_path / "dogImages"
+def fake_dogimages(root: Path) -> Path:
+    """dogImages' exact layout (133 classes, 6,680 / 835 / 836 files), with empty files."""
     for split, total in data.DOG_SPLIT_SIZES.items():
         for i, cls in enumerate(DOG_CLASS_DIRS):
             (root / split / cls).mkdir(parents=True)
             n = total // 133 + (1 if i < total % 133 else 0)
             for k in range(n):
                 (root / split / cls / f"{k}.jpg").touch()
-    counts = data.verify_dataset(root, strict=True)
+    return root
+
+
+@pytest.fixture(scope="module")
+def full_layout(tmp_path_factory) -> Path:
+    return fake_dogimages(tmp_path_factory.mktemp("full") / "dogImages")
+
+
+def test_verify_accepts_the_real_layout_shape(full_layout):
+    counts = data.verify_dataset(full_layout, strict=True)
     assert sum(counts["train"].values()) == 6680 and len(counts["test"]) == 133
 
 
@@ -228,13 +238,18 @@ def test_missing_split_and_no_root(tmp_path, tiny):
 
 # ---------------------------------------------------------------- end to end: S3 and the local store
 
+def _config(**data_fields):
+    """The real pipeline.yaml config in us-east-1 with its `data` block changed."""
+    cfg = load_config(ROOT / "pipeline.yaml", region="us-east-1")
+    return cfg.model_copy(update={"data": cfg.data.model_copy(update=data_fields)})
+
+
 def test_prepare_data_downloads_verifies_and_uploads_to_s3(aws_env, serve, tiny_zip, tmp_path, monkeypatch):
     s3 = boto3.client("s3")
     s3.create_bucket(Bucket="dogbreed-data")
     srv = serve(tiny_zip)
     monkeypatch.setattr(data, "DEFAULT_CACHE", tmp_path / "cache")
-    cfg = SimpleNamespace(region="us-east-1", data=SimpleNamespace(s3_uri="s3://dogbreed-data/dogs/", url=srv.url,
-                                                                  strict=False))
+    cfg = _config(uri="s3://dogbreed-data/dogs/", url=srv.url, strict=False)
     assert data.prepare_data(cfg, source=None, local=False) == "s3://dogbreed-data/dogs/"
     keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket="dogbreed-data")["Contents"])
     assert len(keys) == 24 and keys[0].startswith(f"dogs/test/{DOG_CLASS_DIRS[0]}/")
@@ -251,7 +266,7 @@ def test_prepare_data_downloads_verifies_and_uploads_to_s3(aws_env, serve, tiny_
 
 def test_prepare_data_missing_bucket_fails_before_download(aws_env, serve, tiny_zip, capsys):
     srv = serve(tiny_zip)
-    cfg = SimpleNamespace(region="us-east-1", data=SimpleNamespace(s3_uri="s3://nope-bucket/dogs", url=srv.url))
+    cfg = _config(uri="s3://nope-bucket/dogs", url=srv.url)
     with pytest.raises(SystemExit) as exit_:
         data.prepare_data(cfg, source=None, local=False)
     assert exit_.value.code == 2
@@ -287,3 +302,15 @@ def test_folder_source_strict_rejects_tiny(tiny, tmp_path):
         data.prepare_dataset("s3://b/d", source=tiny, store=LocalStore(tmp_path), out=io.StringIO())
     with pytest.raises(data.DataError, match="no such file or folder"):
         data.prepare_dataset("s3://b/d", source=tmp_path / "nope", store=LocalStore(tmp_path), out=io.StringIO())
+
+
+@pytest.mark.skipif(not (ROOT / "pipeline" / "config.py").exists(), reason="pipeline/config.py not merged yet")
+def test_cli_prepare_data_local_with_the_real_config(full_layout, tmp_path, monkeypatch):
+    import run_pipeline
+    from pipeline.config import load_config
+    root = full_layout
+    monkeypatch.setenv("DOGBREED_LOCAL_STORE", str(tmp_path / "store"))
+    assert run_pipeline.main(["--config", str(ROOT / "pipeline.yaml"), "--prepare-data", "--local",
+                              "--data", str(root)]) == 0
+    placed = LocalStore(tmp_path / "store").path(load_config(ROOT / "pipeline.yaml").data.uri)
+    assert sum(1 for _ in placed.rglob("*.jpg")) == 6680 + 835 + 836

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests._serve_helpers import CLASSES, LABELS, b64_batch, image_bytes, make_model_dir
+from tests._serve_helpers import CLASSES, LABELS, ROOT, b64_batch, image_bytes, make_model_dir
 
 transformer_mod = pytest.importorskip("sagemaker_inference.transformer")
 
@@ -214,3 +214,36 @@ def test_works_without_the_inference_toolkit(model_dir, monkeypatch):
         module.input_fn(b"", "image/jpeg")
     assert err.value.status_code == 400 and "empty" in str(err.value)
     assert "sagemaker_inference" not in type(err.value).__mro__[1].__module__
+
+
+@pytest.fixture()
+def train_lib(monkeypatch):
+    """scripts/train_lib.py as the training container imports it (scripts/ on sys.path),
+    with the process-wide state its import changes put back afterwards."""
+    from PIL import ImageFile
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", ImageFile.LOAD_TRUNCATED_IMAGES)
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    before = set(sys.modules)
+    saved = {name: sys.modules.pop(name) for name in ("modeling", "metrics", "train_lib") if name in sys.modules}
+    try:
+        yield importlib.import_module("train_lib")
+    finally:
+        for name in set(sys.modules) - before:
+            del sys.modules[name]
+        sys.modules.update(saved)
+
+
+def test_preprocessing_matches_training_eval(handlers, model_dir, tmp_path, train_lib):
+    """Served pixels and tensors equal what training evaluated on (train_lib's loader and
+    eval transform), including its reduced-scale JPEG decoding of big photos."""
+    model = handlers.model_fn(str(model_dir))
+    meta = model["meta"]
+    for size in [(1200, 900), (90, 70)]:  # DCT-scaled decode, plain decode
+        path = tmp_path / f"{size[0]}.jpg"
+        path.write_bytes(image_bytes("JPEG", size=size))
+        (served,) = handlers.input_fn(path.read_bytes(), "image/jpeg")["images"]
+        trained = train_lib.load_image(path, meta["resize_size"])
+        assert served.size == trained.size and served.tobytes() == trained.tobytes()
+        expected = train_lib.eval_transform(meta["resize_size"], meta["image_size"], meta["mean"], meta["std"])(trained)
+        assert torch.equal(model["transform"](served), expected)
+    assert served.size == (90, 70) and trained.size == (90, 70)

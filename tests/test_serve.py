@@ -2,11 +2,13 @@
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import tarfile
 import threading
+import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -79,6 +81,12 @@ def reference(model_dir):
     """The handlers called in this process, one image at a time: what every answer must equal."""
     handlers = serve_mod.Handlers(model_dir, "inference.py")
     handlers.load()
+    # Handlers puts code/ on sys.path and `inference` in sys.modules, as the container
+    # does; undo that here so that other test modules do not import this copy.
+    sys.path.remove(str(model_dir / "code"))
+    for name in ("inference", "modeling"):
+        if str(model_dir) in str(getattr(sys.modules.get(name), "__file__", "")):
+            del sys.modules[name]
 
     def answer(body, content_type="image/jpeg"):
         return json.loads(handlers.output(handlers.predict(handlers.input(body, content_type)), "application/json")[0])
@@ -132,6 +140,9 @@ def test_bad_requests_get_their_4xx_and_the_server_stays_healthy(endpoint):
         assert headers["content-type"] == "application/json"
         assert ping(endpoint.url) == 200
     assert post(endpoint.url, IMAGES[0], "image/jpeg")[0] == 200
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(endpoint.url + "/predict")
+    assert err.value.code == 404 and "POST /invocations" in json.loads(err.value.read())["error"]
 
 
 def test_concurrent_clients_are_batched_and_answer_as_unbatched(testing_endpoint, reference):
@@ -188,10 +199,13 @@ def test_bounded_load_ends_with_zero_errors_and_one_log_line_per_request(endpoin
     with ThreadPoolExecutor(8) as pool:
         statuses = list(pool.map(one, range(120)))
     assert statuses == [200] * 120
-    lines = endpoint.log_path.read_text().splitlines()
-    posts = [line for line in lines if '"POST /invocations" 200' in line]
-    assert len([line for line in lines if '"POST /invocations"' in line]) - before == 120
-    assert all("ms batch=" in line for line in posts)
+    for _ in range(100):  # a line is written just after its answer is sent
+        lines = [line for line in endpoint.log_path.read_text().splitlines() if '"POST /invocations"' in line]
+        if len(lines) - before >= 120:
+            break
+        threading.Event().wait(0.05)
+    assert len(lines) - before == 120
+    assert all(re.search(r'"POST /invocations" 200 [\d.]+ms batch=[1-8]$', line) for line in lines[before:])
 
 
 def test_cli_serve_takes_sagemaker_program_and_stops_gracefully_on_sigterm(model_dir, tmp_path):
@@ -265,6 +279,15 @@ def test_a_model_tarball_or_dir_resolves(tmp_path, model_dir, tarball):
 def test_missing_program_is_named(model_dir):
     with pytest.raises(FileNotFoundError, match="code/nope.py"):
         serve_mod.Handlers(model_dir, "nope.py")
+
+
+def test_a_model_fn_failure_stops_the_server_with_the_reason_logged(tmp_path):
+    model_dir = make_model_dir(tmp_path / "model")
+    (model_dir / "model.pth").write_bytes(b"not a state dict")
+    ep = serve_mod.launch(model_dir, env=ENV)
+    with pytest.raises(RuntimeError, match="model_fn failed"):
+        ep.wait_ready(120)
+    assert ep.stop() == 1
 
 
 def test_launch_reports_a_server_that_cannot_start(tmp_path):

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pipeline.local import expressions as ex
-from pipeline.local.jobs import JobError, arn, now_iso, read_json, run_training_job, write_json
+from pipeline.local.jobs import JobError, arn, bar, now_iso, read_json, run_training_job, write_json
 from pipeline.local.store import LocalStore, REPO_ROOT
 from pipeline.local.tuner import TuningError, run_tuning_job
 
@@ -194,6 +194,9 @@ class Execution:
             self.record = previous
             self.resumed = True
         else:
+            if previous and previous.get("PipelineExecutionStatus") in RESUMABLE:
+                progress(f"execution {previous['PipelineExecutionId']} was interrupted, but the definition or "
+                         "parameters differ now: starting a new execution (cached steps still apply)")
             exec_id = secrets.token_hex(6)
             self.record = {
                 "PipelineName": pipeline_name,
@@ -298,9 +301,11 @@ class Execution:
             rec["AttemptCount"] = attempt
             try:
                 self.ctx.execution["CurrentDateTime"] = now_iso()
-                args = ex.resolve(step.get("Arguments", {}), self.ctx) if kind != "Condition" else {}
-                if kind != "Condition":
-                    rec["Arguments"] = args
+                if kind == "Condition":  # record what was compared, not the branches
+                    args = {}
+                    rec["Arguments"] = {"Conditions": ex.resolve(step["Arguments"].get("Conditions", []), self.ctx)}
+                else:
+                    args = rec["Arguments"] = ex.resolve(step.get("Arguments", {}), self.ctx)
                 cached = self._cache_lookup(name, step, args)
                 if cached:
                     rec["Properties"], rec["CacheHitResult"] = cached
@@ -421,7 +426,8 @@ class Execution:
         def on_line(line: str) -> None:
             m = pattern.match(line)
             if m:
-                self.say(f"  {label} epoch {m.group(1)}/{m.group(2)}: {m.group(3)[:110]}")
+                done, total = int(m.group(1)), int(m.group(2))
+                self.say(f"  {label} epoch {done}/{total} {bar(done, total)} {m.group(3)[:100]}")
             elif re.match(r"^(test accuracy|average test loss|validation accuracy)", line):
                 self.say(f"  {label} {line.strip()}")
         return on_line
@@ -431,6 +437,11 @@ class Execution:
         previous = read_json(sdir / "job_name.json")  # resume: the same job name keeps its checkpoints
         job = previous or self._job_name(name)
         write_json(sdir / "job_name.json", job)
+        if args.get("DebugRuleConfigurations"):
+            # smdebug takes seconds to import: do it while the job trains, as AWS runs rules alongside
+            import importlib
+            import threading
+            threading.Thread(target=importlib.import_module, args=("pipeline.local.rules",), daemon=True).start()
         describe = run_training_job(job, args, self.store, sdir / "job", on_line=self._epoch_printer(name),
                                     python=self.python)
         tensors = Path(describe["LocalJobDir"]) / "opt_ml" / "output" / "tensors"
@@ -611,11 +622,11 @@ def _ensure_data(cfg, store: LocalStore, data: str | None) -> None:
     if data:
         if not uri:
             raise DefinitionError("--data given but the config has no data URI")
-        source = Path(data)
-        if not source.is_dir():
-            raise DefinitionError(f"--data {data}: not a folder (give the extracted dogImages folder)")
-        print(f"copying {source} to {uri} in the local store ...")
-        store.put_dir(uri, source)
+        from pipeline.data import DataError, prepare_dataset
+        try:  # a folder or a zip, checked for the train/valid/test layout; any number of classes
+            prepare_dataset(uri, data, store=store, strict=False)
+        except DataError as e:
+            raise DefinitionError(str(e)) from None
         return
     sample = getattr(data_cfg, "sample", None)
     if uri and sample and not store.exists(uri):
@@ -625,7 +636,9 @@ def _ensure_data(cfg, store: LocalStore, data: str | None) -> None:
         print(f"generating the sample dataset at {uri} ({fields}) ...")
         tmp = store.path(uri).with_name(store.path(uri).name + ".generating")
         shutil.rmtree(tmp, ignore_errors=True)
-        generate_dataset(tmp, **{k: v for k, v in fields.items() if v is not None})
+        generate_dataset(tmp, num_classes=fields.get("num_classes", 4),
+                         per_class=tuple(fields.get("per_class", (24, 6, 6))),
+                         size=fields.get("image_size", 64), seed=fields.get("seed", 0))
         store.put_dir(uri, tmp)
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -670,6 +683,26 @@ def execute(definition: str | dict, *, store: LocalStore, run_dir: str | Path, p
     return record
 
 
+def _missing_code(definition: dict, store: LocalStore) -> list[str]:
+    """The source archives (sagemaker_submit_directory) the definition names but the store lacks."""
+    found = []
+
+    def visit(v):
+        if isinstance(v, dict):
+            for k, x in v.items():
+                if k == "sagemaker_submit_directory" and isinstance(x, str):
+                    uri = x.strip('"')
+                    if uri.startswith("s3://") and not store.exists(uri):
+                        found.append(uri)
+                else:
+                    visit(x)
+        elif isinstance(v, list):
+            for x in v:
+                visit(x)
+    visit(definition.get("Steps", []))
+    return found
+
+
 def _main_thread() -> bool:
     import threading
     return threading.current_thread() is threading.main_thread()
@@ -677,17 +710,20 @@ def _main_thread() -> bool:
 
 def run_local(cfg, definition_file=None, params=(), run_dir=None, data=None, keep_endpoint=False) -> int:
     store = LocalStore()
-    name = getattr(cfg, "pipeline_name", None) or getattr(cfg, "name", None) or "pipeline"
+    name = getattr(getattr(cfg, "pipeline", None), "name", None) or getattr(cfg, "name", None) or "pipeline"
     run_dir = Path(run_dir) if run_dir else REPO_ROOT / "runs" / name
     try:
         _ensure_data(cfg, store, data)
         if definition_file:
-            text = Path(definition_file).read_text()
-            source = str(definition_file)
+            text, source = Path(definition_file).read_text(), str(definition_file)
+            if _missing_code(load_definition(text, source), store):
+                # Building uploads what the SDK uploads (sourcedir.tar.gz, content-addressed) into
+                # the store, so a definition written by `--definition` finds its code as on AWS.
+                from pipeline.definition import build_definition
+                build_definition(cfg, object_store=store)
         else:
             from pipeline.definition import build_definition
-            text = build_definition(cfg, object_store=store)
-            source = "built from config"
+            text, source = build_definition(cfg, object_store=store), "built from config"
         definition = load_definition(text, source)
         t0 = time.monotonic()
         record = execute(definition, store=store, run_dir=run_dir, params=list(params or []),

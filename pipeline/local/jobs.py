@@ -68,6 +68,12 @@ def read_json(path: Path, default: Any = None) -> Any:
         return default
 
 
+def bar(done: int, total: int, width: int = 12) -> str:
+    """`[######......]` for progress lines that also read well in a log file."""
+    filled = int(round(width * done / total)) if total else 0
+    return "[" + "#" * filled + "." * (width - filled) + "]"
+
+
 def arn(kind: str, name: str) -> str:
     return f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:{kind}/{name.lower()}"
 
@@ -265,6 +271,10 @@ def run_training_job(
     for d in (cfg_dir, data_dir, code_dir, model_dir, output_dir / "data", ckpt_dir):
         d.mkdir(parents=True, exist_ok=True)
 
+    checkpoint_uri = (request.get("CheckpointConfig") or {}).get("S3Uri")
+    if isinstance(checkpoint_uri, str) and store.exists(checkpoint_uri):
+        # CheckpointConfig: what an earlier attempt synced to S3 comes back into the sandbox
+        shutil.copytree(store.path(checkpoint_uri), ckpt_dir, dirs_exist_ok=True)
     created = now_iso()
     hps_raw = {k: (v if isinstance(v, str) else json.dumps(v)) for k, v in (request.get("HyperParameters") or {}).items()}
     hps = {k: unquote(v) for k, v in hps_raw.items()}
@@ -438,6 +448,8 @@ def run_training_job(
     prefix = f"{out_path.rstrip('/')}/{name}"
     model_uri = pack_dir(model_dir, store, f"{prefix}/output/model.tar.gz")
     pack_dir(output_dir / "data", store, f"{prefix}/output/output.tar.gz")
+    if isinstance(checkpoint_uri, str) and any(ckpt_dir.iterdir()):
+        store.put_dir(checkpoint_uri, ckpt_dir)
     if hook and (output_dir / "tensors").exists() and isinstance(hook.get("S3OutputPath"), str):
         store.put_dir(f"{hook['S3OutputPath'].rstrip('/')}/{name}/debug-output", output_dir / "tensors")
     profile = {}
@@ -445,7 +457,9 @@ def run_training_job(
         profile = profiler_summary(output_dir / "profiler" / "system_metrics.jsonl")
         write_json(output_dir / "profiler" / "system_summary.json", profile)
         for extra in (output_dir / "data").glob("*profil*"):  # the job's own torch.profiler summary
-            if extra.is_file():
+            if extra.is_dir():
+                shutil.copytree(extra, output_dir / "profiler" / "framework", dirs_exist_ok=True)
+            elif extra.is_file():
                 shutil.copy2(extra, output_dir / "profiler" / extra.name)
         if isinstance(profiler.get("S3OutputPath"), str):
             store.put_dir(f"{profiler['S3OutputPath'].rstrip('/')}/{name}/profiler-output", output_dir / "profiler")

@@ -69,7 +69,7 @@ def _leaderboard_plot(summaries: list[dict], path: Path) -> Path | None:
     if not scored:
         return None
     fig, ax = plt.subplots(figsize=(6, 0.4 * len(scored) + 1.2))
-    names = [s["TrainingJobName"].rsplit("-", 2)[-2] for s in scored][::-1]
+    names = ["trial " + s["TrainingJobName"].rsplit("-", 2)[-2] for s in scored][::-1]
     values = [s["FinalHyperParameterTuningJobObjectiveMetric"]["Value"] for s in scored][::-1]
     ax.barh(names, values, color="#1976d2")
     ax.set_xlabel(scored[0]["FinalHyperParameterTuningJobObjectiveMetric"]["MetricName"])
@@ -138,16 +138,20 @@ def write_report(run_dir: str | Path, record: dict, definition: dict, store=None
             rows = [[k, json.dumps(v)] for k, v in prof.items()]
             lines += [f"## Profiler ({name})", "", _table(["system metric", "value"], rows), ""]
             job_dir = props.get("LocalJobDir")
-            extra = sorted((Path(job_dir) / "opt_ml" / "output" / "profiler").glob("*")) if job_dir else []
-            files = [p for p in extra if p.name not in ("system_metrics.jsonl", "system_summary.json")]
-            if files:
-                lines += ["Job's own profiler output: " + ", ".join(f"`{p}`" for p in files), ""]
+            framework = Path(job_dir) / "opt_ml" / "output" / "profiler" / "framework" if job_dir else None
+            summary = framework / "summary.txt" if framework else None
+            if summary and summary.is_file():
+                top = summary.read_text(errors="replace").splitlines()[:25]
+                lines += ["torch.profiler summary (the job's own, first lines):", "", "```", *top, "```", ""]
+            if framework and framework.is_dir():
+                lines += [f"Framework profiler files: `{framework}`", ""]
 
     for name, rec in steps.items():
         props = rec.get("Properties") or {}
         if rec.get("StepType") == "Endpoint" and props.get("LocalUrl"):
-            lines += ["## Endpoint", "", f"`{props['EndpointName']}` InService at {props['LocalUrl']} "
-                      f"(smoke test: {props.get('LocalSmokeTest')})", "",
+            lines += ["## Endpoint", "", f"`{props['EndpointName']}` was InService at {props['LocalUrl']} "
+                      f"(smoke test: {props.get('LocalSmokeTest')}); it stops with the run unless "
+                      "`--keep-endpoint` was given.", "",
                       f"    python run_pipeline.py --invoke {props['LocalUrl']} IMAGE.jpg", ""]
     if record.get("FailStepMessage") is not None:
         lines += ["## Fail step", "", f"`{record['FailStepMessage']}`", ""]

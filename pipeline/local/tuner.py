@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import optuna
 
-from pipeline.local.jobs import TUNING_METRIC, arn, now_iso, read_json, run_training_job, write_json
+from pipeline.local.jobs import TUNING_METRIC, arn, bar, now_iso, read_json, run_training_job, write_json
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -156,6 +156,7 @@ def run_tuning_job(
         progress(f"  resuming: {len(done)}/{max_jobs} trials already finished")
 
     lock = threading.Lock()
+    abort = threading.Event()  # Ctrl-C / kill: stop running trials, record none of them
     started = now_iso()
     t_start = time.monotonic()
     static = dict(tjd.get("StaticHyperParameters") or {})
@@ -189,9 +190,13 @@ def run_tuning_job(
                         trial.report(value, len(intermediate))
             e = epoch_re.match(line)
             if e:
-                progress(f"    trial {index} epoch {e.group(1)}/{e.group(2)}: {line[e.end():].strip()[:100]}")
+                done, total = int(e.group(1)), int(e.group(2))
+                progress(f"    trial {index}/{max_jobs} epoch {done}/{total} {bar(done, total)} "
+                         f"{line[e.end():].strip()[:90]}")
 
         def should_stop() -> bool:
+            if abort.is_set():
+                return True
             with lock:
                 return early and len(intermediate) > 0 and trial.should_prune()
 
@@ -208,6 +213,8 @@ def run_tuning_job(
             describe = {"TrainingJobName": job, "TrainingJobArn": arn("training-job", job),
                         "TrainingJobStatus": "Failed", "FailureReason": f"{type(e).__name__}: {e}",
                         "CreationTime": now_iso(), "TrainingEndTime": now_iso(), "FinalMetricDataList": []}
+        if abort.is_set():
+            return  # interrupted, not finished: a resumed tuning job runs this trial again
         final = {m["MetricName"]: m["Value"] for m in describe.get("FinalMetricDataList", [])}
         value = final.get(metric)
         status = describe["TrainingJobStatus"]
@@ -232,8 +239,15 @@ def run_tuning_job(
 
     todo = [i for i in range(1, max_jobs + 1) if i not in {t["index"] for t in done}]
     with ThreadPoolExecutor(max_workers=max_parallel) as pool:
-        for f in [pool.submit(one, i) for i in todo]:
-            f.result()
+        futures = [pool.submit(one, i) for i in todo]
+        try:
+            for f in futures:
+                f.result()
+        except BaseException:
+            abort.set()
+            for f in futures:
+                f.cancel()
+            raise
 
     return describe_tuning_job(name, request, done, metric, direction, started, time.monotonic() - t_start)
 

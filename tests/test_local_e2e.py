@@ -1,0 +1,104 @@
+"""The whole DAG, locally, through the CLI: the definition built from a config with the
+real scripts, tuning (2 trials) -> training (Debugger rules, profiler) -> model ->
+condition -> endpoint invoked over HTTP; then the failing branch from the cache.
+
+One shared module-scoped run on tiny data (32 px, 1-2 epochs, resnet18 without weights).
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytest.importorskip("pipeline.definition", reason="needs the definition builder (issue 4)")
+pytest.importorskip("pipeline.serve", reason="needs the local endpoint (issue 6)")
+from pipeline.local.jobs import read_json  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+if not (REPO / "scripts" / "train_model.py").exists():
+    pytest.skip("needs the training scripts (issue 3)", allow_module_level=True)
+
+
+def _tiny_config(tmp: Path) -> Path:
+    cfg = yaml.safe_load((REPO / "pipeline.smoke.yaml").read_text())
+    cfg["data"]["sample"].update(num_classes=3, per_class=[8, 4, 4], image_size=32)
+    cfg["tuning"].update(max_jobs=2, max_parallel_jobs=2)
+    cfg["tuning"]["ranges"]["epochs"] = {"type": "integer", "min": 1, "max": 2}
+    cfg["training"]["hyperparameters"]["image-size"] = 32
+    cfg["cache"] = {"enabled": True}
+    path = tmp / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _cli(*args, env):
+    return subprocess.run([sys.executable, str(REPO / "run_pipeline.py"), "--local", "--execute", *args],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("e2e")
+    env = {**os.environ, "DOGBREED_LOCAL_STORE": str(tmp / "store"), "OMP_NUM_THREADS": "1"}
+    config = _tiny_config(tmp)
+    done = _cli("--config", str(config), "--run-dir", str(tmp / "run"), "--param", "AccuracyThreshold=0.0",
+                "--keep-endpoint", env=env)
+    record = read_json(tmp / "run" / "execution.json")
+    endpoint = (record or {}).get("Steps", {}).get("DeployEndpoint", {}).get("Properties", {})
+    yield {"tmp": tmp, "env": env, "config": config, "done": done, "record": record, "endpoint": endpoint}
+    if endpoint.get("LocalPid"):
+        try:
+            os.kill(endpoint["LocalPid"], signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+
+
+def test_whole_dag_runs_and_the_endpoint_answers_over_http(run):
+    done, record = run["done"], run["record"]
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    steps = record["Steps"]
+    assert [steps[n]["StepStatus"] for n in ("TuneHyperparameters", "TrainModel", "Model-CreateModel",
+                                            "CheckAccuracy", "CreateEndpointConfig", "DeployEndpoint")] == \
+        ["Succeeded"] * 6
+    tune = steps["TuneHyperparameters"]["Properties"]
+    assert tune["TrainingJobStatusCounters"]["Completed"] == 2
+    train = steps["TrainModel"]["Properties"]
+    best = tune["BestTrainingJob"]["TunedHyperParameters"]
+    assert {k: train["HyperParameters"][k] for k in best} == best  # Get of the tuning step's properties
+    rules = {r["RuleConfigurationName"]: r["RuleEvaluationStatus"] for r in train["DebugRuleEvaluationStatuses"]}
+    assert set(rules) == {"VanishingGradient", "LossNotDecreasing"}
+    assert set(rules.values()) <= {"NoIssuesFound", "IssuesFound"}  # evaluated on real tensors, not Error
+    assert train["ProfilerSummary"]["samples"] > 0
+    assert "test accuracy" in {m["MetricName"] for m in train["FinalMetricDataList"]}
+    assert "epoch 1/" in done.stdout and "trial 2/2" in done.stdout  # live progress
+    # a real request over loopback HTTP: one of the sample test images
+    image = next((run["tmp"] / "store").rglob("test/*/*.jpg"))
+    req = urllib.request.Request(run["endpoint"]["LocalUrl"] + "/invocations", data=image.read_bytes(),
+                                 headers={"Content-Type": "image/jpeg", "Accept": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as reply:
+        assert reply.status == 200
+        answer = json.loads(reply.read())
+    assert answer
+    report = (run["tmp"] / "run" / "report.md").read_text()
+    for section in ("## DAG", "Tuning leaderboard", "## Loss curves", "Debugger rules", "## Profiler", "## Endpoint"):
+        assert section in report
+
+
+def test_failing_branch_from_the_cache(run):
+    done = _cli("--config", str(run["config"]), "--run-dir", str(run["tmp"] / "run2"),
+                "--param", "AccuracyThreshold=1.01", env=run["env"])
+    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "FailStep: test accuracy" in done.stderr and "1.01" in done.stderr
+    record = read_json(run["tmp"] / "run2" / "execution.json")
+    assert record["PipelineExecutionStatus"] == "Failed"
+    assert record["Steps"]["AccuracyTooLow"]["StepStatus"] == "Failed"
+    assert record["Steps"]["DeployEndpoint"]["StepStatus"] == "NotExecuted"
+    # same resolved arguments as the first run: tuning and training came from the cache
+    for name in ("TuneHyperparameters", "TrainModel"):
+        assert record["Steps"][name]["CacheHitResult"]["SourcePipelineExecutionArn"] == \
+            run["record"]["PipelineExecutionArn"]
