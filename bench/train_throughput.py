@@ -154,22 +154,56 @@ class BaselineLoop:
 # ---------------------------------------------------------------------------- ours
 
 class OursLoop:
-    """scripts/train_lib.py's data pipeline and training step, exactly as the training job uses them."""
+    """scripts/train_lib.py's data pipeline and training step, set up as its run() sets them up."""
 
     name = "ours"
 
     def __init__(self, model: nn.Module, params, device: torch.device, lr: float, args: argparse.Namespace):
-        import train_lib  # noqa: F401  (scripts/ is on sys.path)
-        raise NotImplementedError("wired to scripts/train_lib.py once it lands on main")
+        import train_lib  # scripts/ is on sys.path, as in the container
+        self.tl = train_lib
+        flags = ["--arch", args.arch, "--weights", "none", "--batch-size", str(args.batch_size),
+                 "--lr", str(lr), "--image-size", str(CROP), "--data-dir", "unused", *args.ours_flags]
+        if args.workers is not None:
+            flags += ["--num-workers", str(args.workers)]
+        self.args = train_lib.parse_args(flags)
+        self.device = device
+        self.d = train_lib.Dist()
+        self.ctx = train_lib.make_context(self.args, device, self.d, callbacks=[])
+        self.model = model.to(device, memory_format=torch.channels_last if self.ctx.channels_last
+                              else torch.contiguous_format)
+        head_only = args.freeze_backbone
+        train_lib.set_trainable(self.model, head_only=head_only)
+        self.model.train(not head_only)  # train_lib's head-only phase keeps BatchNorm frozen
+        self.forward = train_lib.compile_model(self.model, self.args)
+        self.criterion = train_lib.SmoothedCrossEntropyLoss(label_smoothing=self.args.label_smoothing)
+        self.optimizer = train_lib.make_optimizer(self.model, self.args.lr, self.args.weight_decay, self.args.momentum)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: 1.0)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.ctx.dtype == torch.float16)
+        self.sums = torch.zeros(2, device=device, dtype=torch.float64)
+        self.settings = {"num_workers": self.num_workers, "amp": str(self.ctx.dtype),
+                         "channels_last": self.ctx.channels_last, "flags": flags}
+
+    @property
+    def num_workers(self) -> int:
+        return self.tl.resolve_num_workers(self.args)
 
     def loader(self, root: Path, batch_size: int):
-        raise NotImplementedError
+        samples = [(path, i) for i, (_, files) in enumerate(self.tl.scan_split(root / "train", "train").items())
+                   for path in files]
+        resize, crop = self.tl.modeling.eval_geometry(self.args.arch, "none", self.args.image_size,
+                                                      self.args.resize_size)
+        dataset = self.tl.train_dataset(samples, crop, resize, self.args)
+        return self.tl.make_loader(dataset, batch_size, self.num_workers, self.device, self.d, train=True,
+                                   seed=self.args.seed, prefetch_factor=self.args.prefetch_factor)
 
     def step(self, batch) -> None:
-        raise NotImplementedError
+        images, targets = batch
+        loss, correct = self.tl.train_step(self.forward, images, targets, self.criterion, self.optimizer,
+                                           self.scheduler, self.scaler, self.ctx)
+        self.sums += torch.stack([loss.double() * targets.size(0), correct.double()])  # as train_one_epoch
 
     def finish(self) -> None:
-        raise NotImplementedError
+        self.sums.tolist()  # the one sync, as at the end of train_lib's epoch
 
 
 # ---------------------------------------------------------------------------- timing
@@ -384,8 +418,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="where the generated JPEGs are kept between runs")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"), help="results directory")
     # Ours' knobs: passed to train_lib as the training script would.
-    p.add_argument("--workers", type=int, default=None, help="ours: DataLoader workers (default: train_lib's)")
-    p.add_argument("--compile", action="store_true", help="ours: torch.compile the model")
+    p.add_argument("--workers", type=int, default=None, help="ours: --num-workers (default: train_lib's, from CPU count)")
+    p.add_argument("--ours-flags", nargs=argparse.REMAINDER, default=[],
+                   help="ours: further train_lib flags, last on the line (e.g. --ours-flags --compile true)")
     args = p.parse_args(argv)
     gpu = args.device == "cuda"
     args.arch = args.arch or ("resnet50" if gpu else "mobilenet_v3_small")

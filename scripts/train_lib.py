@@ -16,9 +16,10 @@ import random
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -136,9 +137,14 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     add("--patience", type=_int, default=3, help="early stopping on validation loss; 0 = off")
     add("--seed", type=_int, default=42)
     add("--num-workers", type=_int, default=None, help="DataLoader workers per process (default: from CPU count)")
+    add("--prefetch-factor", type=_int, default=4, help="batches each worker prepares ahead")
+    add("--compile", type=parse_bool, default=False, help="torch.compile the model (pays off on long GPU runs)")
+    add("--cache-features", type=parse_bool, default=False,
+        help="head-only epochs train the head on backbone features computed once, from un-augmented "
+             "(eval-transformed) training images; single process only")
     add("--amp", type=_str, default="auto", choices=("auto", "true", "false"), help="mixed precision (CUDA only)")
     add("--channels-last", type=_str, default="auto", choices=("auto", "true", "false"),
-        help="channels_last memory format (auto: on CUDA)")
+        help="channels_last memory format (auto: on CUDA and CPU)")
     add("--max-steps-per-epoch", type=_int, default=0, help="cap training steps per epoch; 0 = all")
     add("--log-interval", type=_float, default=60.0, help="seconds between progress lines within an epoch")
 
@@ -306,34 +312,69 @@ def load_image(path: Path, min_size: int | None = None) -> Image.Image:
         return img.convert("RGB")
 
 
-def train_transform(crop: int, mean=modeling.IMAGENET_MEAN, std=modeling.IMAGENET_STD):
-    return transforms.Compose([
-        transforms.RandomResizedCrop(crop, antialias=True),
-        transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(),
-        transforms.Normalize(mean, std),
-    ])
+def decode_crop(img: Image.Image, box: tuple[int, int, int, int], size: int) -> Image.Image:
+    """The region box = (top, left, height, width) of a just-opened (not yet decoded) image,
+    resized to size x size.
+
+    A JPEG is decoded at the smallest DCT scale (1/2, 1/4, 1/8) at which the region still
+    spans >= size pixels both ways: the resize after it only ever shrinks, so the result
+    matches a full decode + crop + resize, for a fraction of the work on large photos.
+    """
+    width, height = img.size
+    top, left, h, w = box
+    scale = 1.0
+    drafted = img.draft("RGB", (math.ceil(width * size / w), math.ceil(height * size / h)))
+    if drafted:  # JPEG: (mode, box of the whole image in decoded pixels)
+        scale = drafted[1][2] / width
+    rgb = img.convert("RGB")
+    return rgb.resize((size, size), Image.BILINEAR,
+                      box=(left * scale, top * scale, (left + w) * scale, (top + h) * scale))
 
 
-def eval_transform(resize: int, crop: int, mean=modeling.IMAGENET_MEAN, std=modeling.IMAGENET_STD):
-    return transforms.Compose([
-        transforms.Resize(resize, antialias=True),
-        transforms.CenterCrop(crop),
-        transforms.ToTensor(),
-        transforms.Normalize(mean, std),
-    ])
+def to_uint8_hwc(img: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.array(img, dtype=np.uint8))
+
+
+class TrainCrop:
+    """RandomResizedCrop + horizontal flip, read from the file: torchvision's own crop sampler
+    runs on the header's size, then only what the crop needs is decoded (decode_crop).
+    Returns uint8 HWC; Context.to_device normalises whole batches on the device."""
+
+    def __init__(self, size: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip: float = 0.5):
+        self.size, self.scale, self.ratio, self.flip = size, scale, ratio, flip
+
+    def __call__(self, path: Path) -> torch.Tensor:
+        with Image.open(path) as img:
+            box = transforms.RandomResizedCrop.get_params(img, list(self.scale), list(self.ratio))
+            out = decode_crop(img, box, self.size)
+        if torch.rand(1).item() < self.flip:
+            out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return to_uint8_hwc(out)
+
+
+class EvalCrop:
+    """Resize (shorter side) + CenterCrop, the inference preprocessing; uint8 HWC."""
+
+    def __init__(self, resize: int, crop: int):
+        self.resize = resize
+        self.pil = transforms.Compose([transforms.Resize(resize, antialias=True), transforms.CenterCrop(crop)])
+
+    def __call__(self, path: Path) -> torch.Tensor:
+        return to_uint8_hwc(self.pil(load_image(path, self.resize)))
 
 
 class ImageList(Dataset):
-    def __init__(self, samples: list[tuple[Path, int]], transform, decode_size: int | None):
-        self.samples, self.transform, self.decode_size = samples, transform, decode_size
+    """(path, class) samples -> (transform(path), class)."""
+
+    def __init__(self, samples: list[tuple[Path, int]], transform):
+        self.samples, self.transform = samples, transform
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int):
         path, target = self.samples[i]
-        return self.transform(load_image(path, self.decode_size)), target
+        return self.transform(path), target
 
 
 def default_num_workers(local_world: int = 1) -> int:
@@ -346,7 +387,7 @@ def default_num_workers(local_world: int = 1) -> int:
 
 
 def make_loader(dataset: Dataset, batch_size: int, num_workers: int, device: torch.device,
-                d: Dist, train: bool, seed: int = 0, persistent: bool = True) -> DataLoader:
+                d: Dist, train: bool, seed: int = 0, persistent: bool = True, prefetch_factor: int = 2) -> DataLoader:
     """Training: a DistributedSampler (also for one process: same shuffling code,
     epoch-seeded order). Evaluation: each rank a disjoint shard, summed after."""
     if train:
@@ -356,24 +397,37 @@ def make_loader(dataset: Dataset, batch_size: int, num_workers: int, device: tor
     else:
         dataset = Subset(dataset, range(d.rank, len(dataset), d.world))
         loader_kw = dict(shuffle=False)
+    if num_workers > 0:
+        loader_kw.update(persistent_workers=persistent, prefetch_factor=prefetch_factor)
     return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
-                      pin_memory=device.type == "cuda", persistent_workers=persistent and num_workers > 0,
-                      **loader_kw)
+                      pin_memory=device.type == "cuda", **loader_kw)
+
+
+def resolve_num_workers(args: argparse.Namespace) -> int:
+    if args.num_workers is not None:
+        return args.num_workers
+    return default_num_workers(int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+
+
+def train_dataset(samples: list[tuple[Path, int]], crop: int, resize: int, args: argparse.Namespace) -> Dataset:
+    return ImageList(samples, TrainCrop(crop))
+
+
+def eval_dataset(samples: list[tuple[Path, int]], crop: int, resize: int) -> Dataset:
+    return ImageList(samples, EvalCrop(resize, crop))
 
 
 def build_loaders(samples, crop: int, resize: int, args, device, d: Dist) -> dict[str, DataLoader]:
-    workers = args.num_workers if args.num_workers is not None else default_num_workers(
-        int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-    train_ds = ImageList(samples["train"], train_transform(crop), decode_size=resize)
-    valid_ds = ImageList(samples["valid"], eval_transform(resize, crop), decode_size=resize)
+    workers = resolve_num_workers(args)
+    kw = dict(num_workers=workers, device=device, d=d, prefetch_factor=args.prefetch_factor)
     loaders = {
-        "train": make_loader(train_ds, args.batch_size, workers, device, d, train=True, seed=args.seed),
-        "valid": make_loader(valid_ds, args.test_batch_size, workers, device, d, train=False),
+        "train": make_loader(train_dataset(samples["train"], crop, resize, args), args.batch_size, train=True,
+                             seed=args.seed, **kw),
+        "valid": make_loader(eval_dataset(samples["valid"], crop, resize), args.test_batch_size, train=False, **kw),
     }
     if "test" in samples:  # read once, at the end: no persistent workers
-        test_ds = ImageList(samples["test"], eval_transform(resize, crop), decode_size=resize)
-        loaders["test"] = make_loader(test_ds, args.test_batch_size, workers, device, d, train=False,
-                                      persistent=False)
+        loaders["test"] = make_loader(eval_dataset(samples["test"], crop, resize), args.test_batch_size,
+                                      train=False, **{**kw, "persistent": False})
     return loaders
 
 
@@ -460,6 +514,19 @@ def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
+def make_context(args: argparse.Namespace, device: torch.device, d: Dist, callbacks: list) -> Context:
+    # auto: on for CUDA (tensor cores want NHWC) and CPU (oneDNN: 1.3x resnet18, 2x mobilenet_v3_small here)
+    channels_last = args.channels_last == "true" or (args.channels_last == "auto" and device.type in ("cuda", "cpu"))
+    return Context(device=device, dtype=amp_dtype(args.amp, device), channels_last=channels_last, d=d,
+                   callbacks=callbacks)
+
+
+def compile_model(model: nn.Module, args: argparse.Namespace) -> nn.Module:
+    """torch.compile when asked: the first steps pay for compilation (and again when
+    the trainable set or train/eval mode changes), later steps run fused kernels."""
+    return torch.compile(model) if args.compile else model
+
+
 # ----------------------------------------------------------------------------- loop
 
 class Callbacks:
@@ -485,10 +552,26 @@ class Context:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.dtype)
 
+    mean: torch.Tensor = field(init=False)
+    std: torch.Tensor = field(init=False)
+
+    def __post_init__(self):
+        # of uint8 pixel values: (x - 255 mean) / (255 std) == Normalize(ToTensor(x))
+        self.mean = torch.tensor(modeling.IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(modeling.IMAGENET_STD, device=self.device).view(1, 3, 1, 1) * 255
+
     def to_device(self, images: torch.Tensor, targets: torch.Tensor):
-        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-        return (images.to(self.device, non_blocking=True, memory_format=fmt),
-                targets.to(self.device, non_blocking=True))
+        """uint8 NHWC batch -> normalised float NCHW on the device: a quarter of the bytes to
+        copy, one batched op instead of a Normalize per image, and NHWC is channels_last already."""
+        targets = targets.to(self.device, non_blocking=True)
+        if images.dtype != torch.uint8:  # already normalised: float NCHW images, or cached features
+            images = images.to(self.device, non_blocking=True)
+            if images.ndim == 4 and self.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            return images, targets
+        x = images.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
+        x = x.sub_(self.mean).div_(self.std)
+        return (x if self.channels_last else x.contiguous()), targets
 
 
 def train_step(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, criterion: nn.Module,
@@ -537,6 +620,81 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module,
     seen = max(seen, 1.0)
     return {"train_loss": loss_sum / seen, "train_acc": correct / seen, "steps": steps, "lr": lr,
             "images_per_s": seen / max(seconds, 1e-9), "data_wait_s": data_wait}
+
+
+def head_module(model: nn.Module) -> nn.Linear:
+    """The classifier's last Linear layer (modeling.replace_head's)."""
+    weight = modeling.head_parameters(model)[0]
+    return next(m for m in model.modules() if isinstance(m, nn.Linear) and m.weight is weight)
+
+
+@torch.no_grad()
+def extract_features(model: nn.Module, loader, ctx: Context) -> tuple[torch.Tensor, torch.Tensor]:
+    """The head's inputs (and targets) for a whole split, on the device. In eval mode, with
+    the backbone frozen, they do not change between head-only epochs: compute them once."""
+    captured, targets = [], []
+    hook = head_module(model).register_forward_hook(lambda mod, inputs, out: captured.append(inputs[0].float()))
+    try:
+        for images, target in loader:
+            images, target = ctx.to_device(images, target)
+            with ctx.autocast():
+                model(images)
+            targets.append(target)
+    finally:
+        hook.remove()
+    return torch.cat(captured), torch.cat(targets)
+
+
+class EpochSampler:
+    """set_epoch() like DistributedSampler's, for a FeatureLoader."""
+
+    def __init__(self, seed: int):
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+
+class FeatureLoader:
+    """Batches of cached (features, targets): what the head sees in place of a DataLoader,
+    with the same batch count, so the learning-rate schedule is unchanged."""
+
+    def __init__(self, features: torch.Tensor, targets: torch.Tensor, batch_size: int, shuffle: bool, seed: int = 0):
+        self.features, self.targets, self.batch_size, self.shuffle = features, targets, batch_size, shuffle
+        self.drop_last = shuffle and len(targets) > batch_size  # as make_loader's training loader
+        self.sampler = EpochSampler(seed)
+
+    def __len__(self) -> int:
+        n = len(self.targets)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def __iter__(self):
+        order = torch.arange(len(self.targets))
+        if self.shuffle:
+            order = torch.randperm(len(self.targets),
+                                   generator=torch.Generator().manual_seed(self.sampler.seed + self.sampler.epoch))
+        order = order.to(self.features.device)
+        for i in range(len(self)):
+            index = order[i * self.batch_size:(i + 1) * self.batch_size]
+            yield self.features[index], self.targets[index]
+
+
+def cache_features(model: nn.Module, samples, crop: int, resize: int, args, ctx: Context,
+                   valid_loader: DataLoader, d: Dist) -> dict[str, FeatureLoader]:
+    """--cache-features: one pass over train (eval transform: no augmentation) and valid."""
+    start = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    train_images = make_loader(eval_dataset(samples["train"], crop, resize), args.test_batch_size,
+                               resolve_num_workers(args), ctx.device, d, train=False, persistent=False,
+                               prefetch_factor=args.prefetch_factor)
+    train = extract_features(model, train_images, ctx)
+    valid = extract_features(model, valid_loader, ctx)
+    model.train(was_training)
+    log(f"cached backbone features: train {tuple(train[0].shape)}, valid {tuple(valid[0].shape)} "
+        f"in {time.perf_counter() - start:.1f}s", d.rank)
+    return {"train": FeatureLoader(*train, args.batch_size, shuffle=True, seed=args.seed),
+            "valid": FeatureLoader(*valid, args.test_batch_size, shuffle=False)}
 
 
 @torch.no_grad()
@@ -715,10 +873,8 @@ def _run(args, callbacks, d: Dist, device: torch.device, require_test: bool) -> 
     if d.enabled and d.local_rank == 0:
         dist.barrier()
     resize, crop = modeling.eval_geometry(args.arch, weights, args.image_size, args.resize_size)
-    channels_last = args.channels_last == "true" or (args.channels_last == "auto" and device.type == "cuda")
-    model = model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    ctx = Context(device=device, dtype=amp_dtype(args.amp, device), channels_last=channels_last, d=d,
-                  callbacks=callbacks)
+    ctx = make_context(args, device, d, callbacks)
+    model = model.to(device, memory_format=torch.channels_last if ctx.channels_last else torch.contiguous_format)
 
     loaders = build_loaders(samples, crop, resize, args, device, d)
     steps_per_epoch = len(loaders["train"])
@@ -756,6 +912,9 @@ def _run(args, callbacks, d: Dist, device: torch.device, require_test: bool) -> 
 
     phase = None
     wrapped = model
+    features = None  # {"train", "valid"}: FeatureLoaders for the head-only epochs (--cache-features)
+    if args.cache_features and d.enabled:
+        log("--cache-features: not with several processes; head-only epochs run the full model", d.rank)
     for epoch in range(state["epoch"] + 1, args.epochs + 1):
         if state["stopped"]:
             break
@@ -764,17 +923,25 @@ def _run(args, callbacks, d: Dist, device: torch.device, require_test: bool) -> 
             phase = epoch_phase
             set_trainable(model, head_only=phase == "head")
             # DDP tracks the parameters that require grad when wrapped: re-wrap on (un)freezing
+            wrapped = model
             if d.enabled:
                 wrapped = nn.parallel.DistributedDataParallel(
                     model, device_ids=[device.index] if device.type == "cuda" else None)
-        loaders["train"].sampler.set_epoch(epoch)
+            wrapped = compile_model(wrapped, args)
+        start = time.perf_counter()
         # head-only: frozen BatchNorm statistics too (train mode would still update them)
         wrapped.train(phase == "full")
+        net, eval_net, train_batches, valid_batches = wrapped, model, loaders["train"], loaders["valid"]
+        if phase == "head" and args.cache_features and not d.enabled:
+            if features is None:
+                features = cache_features(model, samples, crop, resize, args, ctx, loaders["valid"], d)
+            net = eval_net = head_module(model)
+            train_batches, valid_batches = features["train"], features["valid"]
+        train_batches.sampler.set_epoch(epoch)
         criterion.train()
         for cb in callbacks:
             cb.on_mode("train")
-        start = time.perf_counter()
-        train = train_one_epoch(wrapped, loaders["train"], criterion, optimizer, scheduler, scaler, ctx,
+        train = train_one_epoch(net, train_batches, criterion, optimizer, scheduler, scaler, ctx,
                                 args.max_steps_per_epoch, epoch, args.log_interval)
         # evaluate the bare module: DDP's forward would sync buffers across ranks
         # whose shards may differ by a batch
@@ -782,7 +949,7 @@ def _run(args, callbacks, d: Dist, device: torch.device, require_test: bool) -> 
         criterion.eval()
         for cb in callbacks:
             cb.on_mode("eval")
-        valid = evaluate(model, loaders["valid"], criterion, len(classes), ctx)
+        valid = evaluate(eval_net, valid_batches, criterion, len(classes), ctx)
         seconds = time.perf_counter() - start
 
         improved = valid["loss"] < state["best_loss"]  # NaN never improves
