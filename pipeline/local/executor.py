@@ -35,6 +35,7 @@ from pipeline.local import expressions as ex
 from pipeline.local.jobs import JobError, arn, bar, now_iso, read_json, run_training_job, write_json
 from pipeline.local.store import LocalStore, REPO_ROOT
 from pipeline.local.tuner import TuningError, run_tuning_job
+from pipeline.params import ParameterError, resolve_parameters
 
 SUPPORTED = ("Training", "Tuning", "Model", "RegisterModel", "Condition", "Fail", "EndpointConfig", "Endpoint")
 RESUMABLE = ("Executing", "Stopping", "Stopped")
@@ -128,36 +129,10 @@ def topological_order(deps: dict[str, set[str]]) -> list[str]:
 
 
 def parse_parameters(definition: dict, overrides: list[str] | dict | None) -> dict[str, Any]:
-    declared = {p["Name"]: p for p in definition.get("Parameters", [])}
-    values = {}
-    items = overrides.items() if isinstance(overrides, dict) else [
-        tuple(o.split("=", 1)) if "=" in o else (o, None) for o in (overrides or [])]
-    given = {}
-    for name, value in items:
-        if value is None:
-            raise DefinitionError(f"--param {name!r}: expected NAME=VALUE")
-        if name not in declared:
-            raise DefinitionError(f"--param {name}: not a pipeline parameter; valid: {sorted(declared)}")
-        given[name] = value
-    for name, p in declared.items():
-        kind = p.get("Type", "String")
-        raw = given.get(name, p.get("DefaultValue"))
-        if raw is None:
-            raise DefinitionError(f"parameter {name} has no DefaultValue: pass --param {name}=VALUE")
-        try:
-            if kind == "Integer":
-                values[name] = int(raw)
-            elif kind == "Float":
-                values[name] = float(raw)
-            elif kind == "Boolean":
-                values[name] = raw if isinstance(raw, bool) else {"true": True, "false": False}[str(raw).lower()]
-            else:
-                values[name] = str(raw)
-        except (ValueError, KeyError):
-            raise DefinitionError(f"parameter {name}: {raw!r} is not a valid {kind}") from None
-        if p.get("EnumValues") and values[name] not in p["EnumValues"]:
-            raise DefinitionError(f"parameter {name}: {values[name]!r} not in {p['EnumValues']}")
-    return values
+    try:
+        return resolve_parameters(definition, overrides)
+    except ParameterError as e:
+        raise DefinitionError(str(e)) from None
 
 
 def _duration_s(text: str | None) -> float | None:
