@@ -70,8 +70,12 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.invoke import invoke
         return invoke(args.invoke[0], args.invoke[1:], raw_json=args.json, region=args.region)
 
-    from pipeline.config import load_config
-    cfg = load_config(args.config, region=args.region, role=args.role, bucket=args.bucket)
+    from pipeline.config import ConfigError, load_config
+    try:
+        cfg = load_config(args.config, region=args.region, role=args.role, bucket=args.bucket)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
     if args.prepare_data:
         from pipeline.data import prepare_data
