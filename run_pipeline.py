@@ -94,11 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     built = build(cfg)  # the definition JSON, and the objects (code tarball) it expects in S3
     definition = built.definition
     if args.definition:
-        out = Path(args.definition)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(definition)
-        tmp.replace(out)
-        print(f"wrote {out}")
+        from pipeline.files import atomic_write
+        print(f"wrote {atomic_write(args.definition, definition)}")
     if args.graph:
         from pipeline.graph import draw_dag
         draw_dag(definition, args.graph)

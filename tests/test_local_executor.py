@@ -108,7 +108,7 @@ def test_failing_branch_ends_failed_with_the_fail_step_message(first, store, mon
     assert rec["Steps"]["Check"]["Properties"]["Outcome"] == "False"
     assert rec["Steps"]["Register-RegisterModel"]["StepStatus"] == "NotExecuted"
     assert rec["Steps"]["Fail"]["StepStatus"] == "Failed"
-    with pytest.raises(DefinitionError, match="valid: \\['AccuracyThreshold', 'TrainingData'\\]"):
+    with pytest.raises(DefinitionError, match="known: \\['AccuracyThreshold', 'TrainingData'\\]"):
         execute(toy_definition(), store=store, run_dir=tmp_path / "r2", params=["Threshold=1"])
 
 

@@ -14,6 +14,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from pipeline.files import atomic_write  # noqa: E402
 from pipeline.local.jobs import read_json  # noqa: E402
 
 COLOURS = {"Succeeded": "#4caf50", "Failed": "#e53935", "Executing": "#fb8c00", "Stopped": "#9e9e9e",
@@ -167,8 +168,4 @@ def write_report(run_dir: str | Path, record: dict, definition: dict, store=None
     if record.get("FailStepMessage") is not None:
         lines += ["## Fail step", "", f"`{record['FailStepMessage']}`", ""]
 
-    out = run_dir / "report.md"
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(out)
-    return out
+    return atomic_write(run_dir / "report.md", "\n".join(lines) + "\n")
