@@ -60,12 +60,20 @@ class _Base(Rule):
                 value = _bool(raw)
             else:
                 try:
-                    value = type(default)(raw)
+                    # AWS documents some counts as floats ("steps": "10.0")
+                    value = int(float(raw)) if type(default) is int and float(raw).is_integer() \
+                        else type(default)(raw)
                 except ValueError:
                     raise ValueError(f"{type(self).__name__}: RuleParameters.{key}={raw!r} "
                                      f"is not a {type(default).__name__}") from None
             setattr(self, key, value)
         self.details = ""
+
+    def _collection(self, name: str) -> list[str]:
+        try:
+            return self.base_trial.tensor_names(collection=name)
+        except Exception:  # noqa: BLE001 - no such collection in this run
+            return []
 
     def _scalar(self, name: str, step: int) -> float:
         return float(np.mean(self.base_trial.tensor(name).value(step)))
@@ -76,15 +84,16 @@ class _Base(Rule):
         if regex:
             names |= set(self.base_trial.tensor_names(regex=regex))
         if getattr(self, "use_losses_collection", True):
-            try:
-                names |= set(self.base_trial.tensor_names(collection="losses"))
-            except Exception:  # noqa: BLE001 - no such collection in this run
-                pass
+            names |= set(self._collection("losses"))
         return sorted(names)
 
     def _issue(self, step: int, details: str) -> bool:
         self.details = details
         return True
+
+    def unmet(self) -> str | None:
+        """After the last step: why the rule had nothing to check (its Error), if so."""
+        return None
 
 
 class LossNotDecreasing(_Base):
@@ -194,17 +203,88 @@ class VanishingGradient(_Base):
     """Mean absolute gradient below `threshold` at a step."""
     defaults = {"threshold": 0.0000001}
 
+    def __init__(self, base_trial, **params):
+        super().__init__(base_trial, **params)
+        self.seen = 0
+
     def invoke_at_step(self, step):
-        names = self.base_trial.tensor_names(collection="gradients")
         values = []
-        for name in names:
+        for name in self._collection("gradients"):
             try:
                 values.append(float(np.mean(np.abs(self.base_trial.tensor(name).value(step)))))
             except (TensorUnavailableForStep, TensorUnavailable):
                 pass
+        self.seen += bool(values)
         if values and float(np.mean(values)) < self.threshold:
             return self._issue(step, f"mean |gradient| {np.mean(values):.3g} < {self.threshold:g} at step {step}")
         return False
+
+    def unmet(self) -> str | None:
+        return None if self.seen else "no gradients saved: the hook must save the gradients collection"
+
+
+class PoorWeightInitialization(_Base):
+    """Signs of a poor initialisation in the first `steps` training steps (AWS's three
+    checks): the variances of the activation inputs (`activation_inputs_regex`: the
+    ReLU inputs, collection relu_input) differ across layers by more than `threshold`
+    times; a gradient's 5th-95th percentile range is below `distribution_range`
+    (too narrow to learn); or the loss has not decreased for `patience` steps."""
+    defaults = {"activation_inputs_regex": ".*relu_input", "threshold": 10.0, "distribution_range": 0.001,
+                "patience": 5, "steps": 10}
+
+    def __init__(self, base_trial, **params):
+        super().__init__(base_trial, **params)
+        self.best_loss: tuple[float, int] | None = None      # (loss, training step)
+        self.seen = {"activations": 0, "gradients": 0}
+
+    def _values(self, names, step) -> dict[str, np.ndarray]:
+        out = {}
+        for name in names:
+            try:
+                out[name] = np.asarray(self.base_trial.tensor(name).value(step), dtype=np.float64).ravel()
+            except (TensorUnavailableForStep, TensorUnavailable):
+                pass
+        return out
+
+    def invoke_at_step(self, step):
+        trial = self.base_trial
+        if trial.mode(step) != ModeKeys.TRAIN or trial.mode_step(step) >= self.steps:
+            return False
+        train_step = trial.mode_step(step)
+        activations = self._values(trial.tensor_names(regex=self.activation_inputs_regex), step)
+        if len(activations) >= 2:
+            self.seen["activations"] += 1
+            variances = {name: float(np.var(v)) for name, v in activations.items() if v.size}
+            low, high = min(variances, key=variances.get), max(variances, key=variances.get)
+            ratio = variances[high] / max(variances[low], 1e-30)
+            if ratio > self.threshold:
+                return self._issue(step, f"activation input variances differ {ratio:.3g}x across layers "
+                                         f"(> {self.threshold:g}) at step {train_step}: {low} {variances[low]:.3g}, "
+                                         f"{high} {variances[high]:.3g}")
+        gradients = self._values(self._collection("gradients"), step)
+        if gradients:
+            self.seen["gradients"] += 1
+            spread = {name: float(np.percentile(v, 95) - np.percentile(v, 5)) for name, v in gradients.items() if v.size}
+            narrowest = min(spread, key=spread.get)
+            if spread[narrowest] < self.distribution_range:
+                return self._issue(step, f"{narrowest}: 5th-95th percentile range {spread[narrowest]:.3g} "
+                                         f"< {self.distribution_range:g} at step {train_step}")
+        losses = [float(np.mean(v)) for v in self._values(self._loss_names(), step).values()]
+        if losses:
+            loss = float(np.mean(losses))
+            if self.best_loss is None or loss < self.best_loss[0]:
+                self.best_loss = (loss, train_step)
+            elif train_step - self.best_loss[1] >= self.patience:
+                return self._issue(step, f"loss has not decreased for {train_step - self.best_loss[1]} steps "
+                                         f"(best {self.best_loss[0]:.4g} at step {self.best_loss[1]})")
+        return False
+
+    def unmet(self) -> str | None:
+        if not self.seen["activations"]:
+            return (f"no two tensors match activation_inputs_regex {self.activation_inputs_regex!r} in the first "
+                    f"{self.steps} training steps: the hook must save them (collection relu_input, whose "
+                    f"include_regex must match the model's ReLU module names)")
+        return None
 
 
 class ExplodingTensor(_Base):
@@ -214,10 +294,7 @@ class ExplodingTensor(_Base):
     def invoke_at_step(self, step):
         names = set(self.base_trial.tensor_names(regex=self.tensor_regex)) if self.tensor_regex else set()
         for coll in filter(None, str(self.collection_names or "").split(",")):
-            try:
-                names |= set(self.base_trial.tensor_names(collection=coll.strip()))
-            except Exception:  # noqa: BLE001
-                pass
+            names |= set(self._collection(coll.strip()))
         for name in sorted(names):
             try:
                 v = np.asarray(self.base_trial.tensor(name).value(step), dtype=float)
@@ -230,7 +307,8 @@ class ExplodingTensor(_Base):
 
 
 RULES: dict[str, type[_Base]] = {c.__name__: c for c in
-                                 (LossNotDecreasing, Overfit, Overtraining, VanishingGradient, ExplodingTensor)}
+                                 (LossNotDecreasing, Overfit, Overtraining, VanishingGradient,
+                                  PoorWeightInitialization, ExplodingTensor)}
 
 
 def evaluate_rule(rule_name: str, params: dict[str, Any], tensors_dir: str | Path) -> tuple[str, str]:
@@ -250,10 +328,13 @@ def evaluate_rule(rule_name: str, params: dict[str, Any], tensors_dir: str | Pat
                 rule.invoke(step)
             except (TensorUnavailableForStep, StepUnavailable, TensorUnavailable):
                 continue
+        unmet = rule.unmet()
     except RuleEvaluationConditionMet:
         return "IssuesFound", rule.details or f"{rule_name} found an issue"
     except Exception as e:  # noqa: BLE001 - a broken rule is the rule's Error status, not the pipeline's
         return "Error", f"{type(e).__name__}: {e}"
+    if unmet:
+        return "Error", unmet
     return "NoIssuesFound", f"evaluated {len(steps)} steps"
 
 
