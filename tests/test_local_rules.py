@@ -62,14 +62,19 @@ def poor_init_tensors(tmp_path_factory):
 
 # Every rule of pipeline.yaml, each with a RuleParameters edit that flips its verdict.
 @pytest.mark.parametrize("run, rule, params, status", [
-    ("tensors", "LossNotDecreasing", {"num_steps": "2"}, "NoIssuesFound"),
-    ("tensors", "LossNotDecreasing", {"num_steps": "2", "diff_percent": "90"}, "IssuesFound"),
+    ("tensors", "LossNotDecreasing", {"num_steps": "2", "mode": "TRAIN"}, "NoIssuesFound"),
+    ("tensors", "LossNotDecreasing", {"num_steps": "2", "mode": "TRAIN", "diff_percent": "90"}, "IssuesFound"),
+    ("tensors", "LossNotDecreasing", {"num_steps": "2"}, "IssuesFound"),  # EVAL first: the noisy validation
+    ("tensors", "LossNotDecreasing", {}, "NoIssuesFound"),                # 3 validation steps < num_steps 10
+    ("poor_init_tensors", "LossNotDecreasing", {"num_steps": "2", "mode": "TRAIN"}, "IssuesFound"),
     ("tensors", "Overfit", {}, "IssuesFound"),
     ("tensors", "Overfit", {"ratio_threshold": "100"}, "NoIssuesFound"),
     ("tensors", "Overfit", {"patience": "3"}, "NoIssuesFound"),
     ("poor_init_tensors", "Overfit", {"start_step": "100"}, "NoIssuesFound"),
     ("tensors", "Overtraining", {}, "NoIssuesFound"),
     ("tensors", "Overtraining", {"patience_train": "1", "delta": "5"}, "IssuesFound"),
+    ("poor_init_tensors", "Overtraining", {}, "IssuesFound"),
+    ("poor_init_tensors", "Overtraining", {"patience_train": "20"}, "NoIssuesFound"),
     ("tensors", "VanishingGradient", {}, "NoIssuesFound"),
     ("tensors", "VanishingGradient", {"threshold": "10"}, "IssuesFound"),
     ("tensors", "ExplodingTensor", {}, "NoIssuesFound"),
@@ -85,12 +90,14 @@ def test_rule_statuses_follow_the_data_and_rule_parameters(request, run, rule, p
     assert got == status, details
 
 
-def test_poor_weight_initialization_says_which_check_fired(tensors, poor_init_tensors):
+def test_details_say_which_check_fired(tensors, poor_init_tensors):
     status, details = evaluate_rule("PoorWeightInitialization", {}, poor_init_tensors)
     assert status == "IssuesFound" and "fc1_relu_input_0" in details and "fc2_relu_input_0" in details
     assert "variances differ" in details
     _, details = evaluate_rule("PoorWeightInitialization", {"threshold": "1000"}, poor_init_tensors)
     assert "loss has not decreased for 5 steps" in details
+    status, details = evaluate_rule("LossNotDecreasing", {"mode": "validation"}, tensors)
+    assert status == "Error" and "mode='validation': one of ['EVAL', 'TRAIN', 'GLOBAL']" in details
     _, details = evaluate_rule("PoorWeightInitialization", {"distribution_range": "1"}, tensors)
     assert "5th-95th percentile range" in details
     # nothing to look at is not a pass: the hook did not save what the rule reads
@@ -100,7 +107,7 @@ def test_poor_weight_initialization_says_which_check_fired(tensors, poor_init_te
 
 def test_statuses_in_describe_training_job_shape(tensors, tmp_path):
     configs = [{"RuleConfigurationName": "LossNotDecreasing",
-                "RuleParameters": {"rule_to_invoke": "LossNotDecreasing", "num_steps": "2"}},
+                "RuleParameters": {"rule_to_invoke": "LossNotDecreasing", "num_steps": "2", "mode": "TRAIN"}},
                {"RuleConfigurationName": "Mine", "RuleParameters": {"rule_to_invoke": "DeadRelu"}},
                {"RuleConfigurationName": "Typo", "RuleParameters": {"rule_to_invoke": "Overfit", "patiense": "2"}}]
     out = evaluate_rules(configs, tensors, "job-1")

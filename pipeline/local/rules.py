@@ -83,6 +83,8 @@ class _Base(Rule):
         regex = getattr(self, "tensor_regex", None)
         if regex:
             names |= set(self.base_trial.tensor_names(regex=regex))
+        for coll in filter(None, str(getattr(self, "collection_names", None) or "").split(",")):
+            names |= set(self._collection(coll.strip()))
         if getattr(self, "use_losses_collection", True):
             names |= set(self._collection("losses"))
         return sorted(names)
@@ -97,33 +99,45 @@ class _Base(Rule):
 
 
 class LossNotDecreasing(_Base):
-    """Every `num_steps`, the loss must have dropped by at least `diff_percent` percent."""
-    defaults = {"tensor_regex": None, "use_losses_collection": True, "num_steps": 10, "diff_percent": 0.1,
-                "increase_threshold_percent": 5.0, "mode": None}
+    """Every `num_steps` steps, the loss must have dropped by at least `diff_percent`
+    percent. One mode: `mode`, else EVAL, else TRAIN, else GLOBAL (as AWS picks), so a
+    training loss is never compared with a validation loss."""
+    defaults = {"collection_names": None, "tensor_regex": None, "use_losses_collection": True, "num_steps": 10,
+                "diff_percent": 0.1, "increase_threshold_percent": 5.0, "mode": None}
+    order = (ModeKeys.EVAL, ModeKeys.TRAIN, ModeKeys.GLOBAL)
 
     def __init__(self, base_trial, **params):
         super().__init__(base_trial, **params)
         self.last: dict[str, tuple[int, float]] = {}
+        if self.mode:
+            names = [m.name for m in self.order]
+            if str(self.mode).upper() not in names:
+                raise ValueError(f"LossNotDecreasing: RuleParameters.mode={self.mode!r}: one of {names}")
+            self.check_mode = ModeKeys[str(self.mode).upper()]
+        else:
+            saved = set(base_trial.modes())
+            self.check_mode = next((m for m in self.order if m in saved), ModeKeys.GLOBAL)
 
     def invoke_at_step(self, step):
-        if self.mode and self.base_trial.mode(step).name != str(self.mode).upper():
+        if self.base_trial.mode(step) != self.check_mode:
             return False
+        mode_step = self.base_trial.mode_step(step)
         for name in self._loss_names():
             try:
                 value = self._scalar(name, step)
             except (TensorUnavailableForStep, TensorUnavailable):
                 continue
             if name not in self.last:
-                self.last[name] = (step, value)
+                self.last[name] = (mode_step, value)
                 continue
             prev_step, prev = self.last[name]
-            if step - prev_step < self.num_steps:
+            if mode_step - prev_step < self.num_steps:
                 continue
-            self.last[name] = (step, value)
+            self.last[name] = (mode_step, value)
             if value > prev * (1 + self.increase_threshold_percent / 100) or \
                     value > prev - abs(prev) * self.diff_percent / 100:
-                return self._issue(step, f"{name} went from {prev:.4g} (step {prev_step}) to {value:.4g} "
-                                         f"(step {step}): not decreasing by {self.diff_percent}%")
+                return self._issue(step, f"{self.check_mode.name} {name} went from {prev:.4g} (step {prev_step}) "
+                                         f"to {value:.4g} (step {mode_step}): not decreasing by {self.diff_percent}%")
         return False
 
 
@@ -179,23 +193,24 @@ class Overtraining(_TrainEval):
 
     def __init__(self, base_trial, **params):
         super().__init__(base_trial, **params)
-        self.best = {ModeKeys.TRAIN: math.inf, ModeKeys.EVAL: math.inf}
-        self.stale = {ModeKeys.TRAIN: 0, ModeKeys.EVAL: 0}
+        self.best: dict = {ModeKeys.TRAIN: (math.inf, 0), ModeKeys.EVAL: (math.inf, 0)}  # (loss, mode step)
 
     def invoke_at_step(self, step):
         got = self._losses(step)
         if got is None or got[0] not in self.best:
             return False
         mode, loss = got
-        if loss < self.best[mode] - self.delta:
-            self.best[mode], self.stale[mode] = loss, 0
+        mode_step = self.base_trial.mode_step(step)
+        if loss < self.best[mode][0] - self.delta:
+            self.best[mode] = (loss, mode_step)
             return False
-        self.stale[mode] += 1
+        # patience in steps, not saved steps: the same verdict at any save_interval
+        stale = mode_step - self.best[mode][1]
         patience = self.patience_train if mode == ModeKeys.TRAIN else self.patience_validation
-        if self.stale[mode] >= patience:
+        if stale >= patience:
             which = "training" if mode == ModeKeys.TRAIN else "validation"
-            return self._issue(step, f"{which} loss has not improved by {self.delta} for {self.stale[mode]} "
-                                     f"steps (best {self.best[mode]:.4g})")
+            return self._issue(step, f"{which} loss has not improved by {self.delta} for {stale} steps "
+                                     f"(best {self.best[mode][0]:.4g} at step {self.best[mode][1]})")
         return False
 
 
