@@ -68,6 +68,7 @@ class _Base(Rule):
                                      f"is not a {type(default).__name__}") from None
             setattr(self, key, value)
         self.details = ""
+        self.checks = 0  # comparisons made: a pass over nothing should say so
 
     def _collection(self, name: str) -> list[str]:
         try:
@@ -96,6 +97,10 @@ class _Base(Rule):
     def unmet(self) -> str | None:
         """After the last step: why the rule had nothing to check (its Error), if so."""
         return None
+
+    def summary(self, steps: int) -> str:
+        """NoIssuesFound's details: what was checked."""
+        return f"{self.checks} checks over {steps} saved steps"
 
 
 class LossNotDecreasing(_Base):
@@ -134,11 +139,15 @@ class LossNotDecreasing(_Base):
             if mode_step - prev_step < self.num_steps:
                 continue
             self.last[name] = (mode_step, value)
+            self.checks += 1
             if value > prev * (1 + self.increase_threshold_percent / 100) or \
                     value > prev - abs(prev) * self.diff_percent / 100:
                 return self._issue(step, f"{self.check_mode.name} {name} went from {prev:.4g} (step {prev_step}) "
                                          f"to {value:.4g} (step {mode_step}): not decreasing by {self.diff_percent}%")
         return False
+
+    def summary(self, steps: int) -> str:
+        return f"{self.checks} comparisons of the {self.check_mode.name} loss {self.num_steps} steps apart"
 
 
 class _TrainEval(_Base):
@@ -178,11 +187,15 @@ class Overfit(_TrainEval):
         if mode != ModeKeys.EVAL or self.train_loss is None:
             return False
         ratio = (loss - self.train_loss) / max(abs(self.train_loss), 1e-12)
+        self.checks += 1
         self.strikes = self.strikes + 1 if ratio > self.ratio_threshold else 0
         if self.strikes >= self.patience:
             return self._issue(step, f"validation loss {loss:.4g} exceeds training loss {self.train_loss:.4g} "
                                      f"by {ratio:.0%} (> {self.ratio_threshold:.0%}) for {self.strikes} evaluations")
         return False
+
+    def summary(self, steps: int) -> str:
+        return f"{self.checks} validation losses compared with the training loss"
 
 
 class Overtraining(_TrainEval):
@@ -201,6 +214,7 @@ class Overtraining(_TrainEval):
             return False
         mode, loss = got
         mode_step = self.base_trial.mode_step(step)
+        self.checks += 1
         if loss < self.best[mode][0] - self.delta:
             self.best[mode] = (loss, mode_step)
             return False
@@ -213,14 +227,13 @@ class Overtraining(_TrainEval):
                                      f"(best {self.best[mode][0]:.4g} at step {self.best[mode][1]})")
         return False
 
+    def summary(self, steps: int) -> str:
+        return f"{self.checks} training and validation losses followed"
+
 
 class VanishingGradient(_Base):
     """Mean absolute gradient below `threshold` at a step."""
     defaults = {"threshold": 0.0000001}
-
-    def __init__(self, base_trial, **params):
-        super().__init__(base_trial, **params)
-        self.seen = 0
 
     def invoke_at_step(self, step):
         values = []
@@ -229,13 +242,16 @@ class VanishingGradient(_Base):
                 values.append(float(np.mean(np.abs(self.base_trial.tensor(name).value(step)))))
             except (TensorUnavailableForStep, TensorUnavailable):
                 pass
-        self.seen += bool(values)
+        self.checks += bool(values)
         if values and float(np.mean(values)) < self.threshold:
             return self._issue(step, f"mean |gradient| {np.mean(values):.3g} < {self.threshold:g} at step {step}")
         return False
 
     def unmet(self) -> str | None:
-        return None if self.seen else "no gradients saved: the hook must save the gradients collection"
+        return None if self.checks else "no gradients saved: the hook must save the gradients collection"
+
+    def summary(self, steps: int) -> str:
+        return f"gradients of {self.checks} steps"
 
 
 class PoorWeightInitialization(_Base):
@@ -250,7 +266,7 @@ class PoorWeightInitialization(_Base):
     def __init__(self, base_trial, **params):
         super().__init__(base_trial, **params)
         self.best_loss: tuple[float, int] | None = None      # (loss, training step)
-        self.seen = {"activations": 0, "gradients": 0}
+        self.seen = {"activations": 0, "gradients": 0, "losses": 0}
 
     def _values(self, names, step) -> dict[str, np.ndarray]:
         out = {}
@@ -286,6 +302,7 @@ class PoorWeightInitialization(_Base):
                                          f"< {self.distribution_range:g} at step {train_step}")
         losses = [float(np.mean(v)) for v in self._values(self._loss_names(), step).values()]
         if losses:
+            self.seen["losses"] += 1
             loss = float(np.mean(losses))
             if self.best_loss is None or loss < self.best_loss[0]:
                 self.best_loss = (loss, train_step)
@@ -301,6 +318,10 @@ class PoorWeightInitialization(_Base):
                     f"include_regex must match the model's ReLU module names)")
         return None
 
+    def summary(self, steps: int) -> str:
+        return (f"first {self.steps} training steps: activation variances at {self.seen['activations']}, "
+                f"gradient ranges at {self.seen['gradients']}, losses at {self.seen['losses']} of them")
+
 
 class ExplodingTensor(_Base):
     """NaN (or, unless only_nan, infinite) values in the watched tensors."""
@@ -315,6 +336,7 @@ class ExplodingTensor(_Base):
                 v = np.asarray(self.base_trial.tensor(name).value(step), dtype=float)
             except (TensorUnavailableForStep, TensorUnavailable):
                 continue
+            self.checks += 1
             bad = np.isnan(v).any() if self.only_nan else not np.isfinite(v).all()
             if bad:
                 return self._issue(step, f"{name} has {'NaN' if self.only_nan else 'NaN/inf'} values at step {step}")
@@ -350,7 +372,7 @@ def evaluate_rule(rule_name: str, params: dict[str, Any], tensors_dir: str | Pat
         return "Error", f"{type(e).__name__}: {e}"
     if unmet:
         return "Error", unmet
-    return "NoIssuesFound", f"evaluated {len(steps)} steps"
+    return "NoIssuesFound", rule.summary(len(steps))
 
 
 def evaluate_rules(configs: list[dict], tensors_dir: str | Path, job_name: str) -> list[dict]:
