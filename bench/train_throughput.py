@@ -169,6 +169,7 @@ class OursLoop:
         self.device = device
         self.d = train_lib.Dist()
         self.ctx = train_lib.make_context(self.args, device, self.d, callbacks=[])
+        train_lib.set_cpu_threads(self.args, device, self.num_workers)
         self.model = model.to(device, memory_format=torch.channels_last if self.ctx.channels_last
                               else torch.contiguous_format)
         head_only = args.freeze_backbone
@@ -185,7 +186,7 @@ class OursLoop:
 
     @property
     def num_workers(self) -> int:
-        return self.tl.resolve_num_workers(self.args)
+        return self.tl.resolve_num_workers(self.args, self.device)
 
     def loader(self, root: Path, batch_size: int):
         samples = [(path, i) for i, (_, files) in enumerate(self.tl.scan_split(root / "train", "train").items())
@@ -321,12 +322,13 @@ def build(arch: str, num_classes: int, freeze_backbone: bool, device: torch.devi
 
 def measure(kind: str, args, root: Path, device: torch.device, num_classes: int) -> dict:
     """data, step and e2e of one loop; each on its own, so no loader's workers run behind another measurement."""
+    torch.set_num_threads(args.default_threads)  # ours may lower it; the baseline runs with torch's default
     model, params = build(args.arch, num_classes, args.freeze_backbone, device, args.seed)
     if kind == "baseline":
         loop = BaselineLoop(model, params, device, args.lr)
     else:
         loop = OursLoop(model, params, device, args.lr, args)
-    out = {"settings": getattr(loop, "settings", {})}
+    out = {"settings": {**getattr(loop, "settings", {}), "torch_threads": torch.get_num_threads()}}
     loader = loop.loader(root, args.batch_size)
     out["data"] = time_data(loader, args.warmup, args.seconds, args.min_batches)
     batch = next(iter(loader))
@@ -431,6 +433,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    args.default_threads = torch.get_num_threads()
     if args.device == "cuda" and not torch.cuda.is_available():
         print("no CUDA device: torch.cuda.is_available() is False on this machine; "
               "run the CPU benchmark (--device cpu) or run this on a GPU host", file=sys.stderr)
