@@ -126,6 +126,7 @@ class BaselineLoop:
         self.criterion = nn.CrossEntropyLoss()
         self.optimizer = torch.optim.Adam(params, lr=lr)
         self.running_loss = 0.0
+        self.settings = {"num_workers": 0, "amp": None, "channels_last": False, "optimizer": "Adam"}
 
     def loader(self, root: Path, batch_size: int) -> torch.utils.data.DataLoader:
         tf = transforms.Compose([
@@ -181,8 +182,9 @@ class OursLoop:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: 1.0)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.ctx.dtype == torch.float16)
         self.sums = torch.zeros(2, device=device, dtype=torch.float64)
-        self.settings = {"num_workers": self.num_workers, "amp": str(self.ctx.dtype),
-                         "channels_last": self.ctx.channels_last, "flags": flags}
+        amp = str(self.ctx.dtype).replace("torch.", "") if self.ctx.dtype else None
+        self.settings = {"num_workers": self.num_workers, "amp": amp, "channels_last": self.ctx.channels_last,
+                         "flags": flags}
 
     @property
     def num_workers(self) -> int:
@@ -320,26 +322,50 @@ def build(arch: str, num_classes: int, freeze_backbone: bool, device: torch.devi
     return model, params
 
 
-def measure(kind: str, args, root: Path, device: torch.device, num_classes: int) -> dict:
-    """data, step and e2e of one loop; each on its own, so no loader's workers run behind another measurement."""
-    torch.set_num_threads(args.default_threads)  # ours may lower it; the baseline runs with torch's default
+def make_loop(kind: str, args, device: torch.device, num_classes: int):
+    torch.set_num_threads(args.default_threads)  # the baseline runs with torch's defaults
+    torch.backends.cudnn.benchmark = False
     model, params = build(args.arch, num_classes, args.freeze_backbone, device, args.seed)
     if kind == "baseline":
         loop = BaselineLoop(model, params, device, args.lr)
     else:
         loop = OursLoop(model, params, device, args.lr, args)
-    out = {"settings": {**getattr(loop, "settings", {}), "torch_threads": torch.get_num_threads()}}
-    loader = loop.loader(root, args.batch_size)
-    out["data"] = time_data(loader, args.warmup, args.seconds, args.min_batches)
-    batch = next(iter(loader))
-    del loader  # stops persistent workers
-    out["step"] = time_step(loop, batch, device, args.warmup, args.seconds, args.min_batches)
-    del batch
-    loader = loop.loader(root, args.batch_size)
-    out["e2e"] = time_e2e(loop, loader, device, args.warmup, args.seconds, args.min_batches)
-    del loader
-    print(f"[{kind}] " + ", ".join(f"{part} {out[part]['images_per_s']:.1f}" for part in ("data", "step", "e2e"))
-          + f" images/s; load {os.getloadavg()[0]:.2f}", flush=True)
+    # what the loop's setup chose (ours: fewer CPU threads, cudnn.benchmark), restored before each measurement
+    loop.threads, loop.cudnn_benchmark = torch.get_num_threads(), torch.backends.cudnn.benchmark
+    loop.settings = {**getattr(loop, "settings", {}), "torch_threads": loop.threads,
+                     "cudnn_benchmark": loop.cudnn_benchmark}
+    return loop
+
+
+def measure_round(kinds: list[str], args, root: Path, device: torch.device, num_classes: int) -> dict:
+    """data, step and e2e of each loop, interleaved (a burst of load elsewhere hits both
+    alike), each on its own: no loader's workers run behind another measurement."""
+    loops = {kind: make_loop(kind, args, device, num_classes) for kind in kinds}
+    out = {kind: {"settings": loop.settings} for kind, loop in loops.items()}
+
+    def activate(loop):
+        torch.set_num_threads(loop.threads)
+        torch.backends.cudnn.benchmark = loop.cudnn_benchmark
+
+    batches = {}
+    for kind, loop in loops.items():
+        activate(loop)
+        loader = loop.loader(root, args.batch_size)
+        out[kind]["data"] = time_data(loader, args.warmup, args.seconds, args.min_batches)
+        batches[kind] = next(iter(loader))
+        del loader  # stops persistent workers
+    for kind, loop in loops.items():
+        activate(loop)
+        out[kind]["step"] = time_step(loop, batches.pop(kind), device, args.warmup, args.seconds, args.min_batches)
+    for kind, loop in loops.items():
+        activate(loop)
+        loader = loop.loader(root, args.batch_size)
+        out[kind]["e2e"] = time_e2e(loop, loader, device, args.warmup, args.seconds, args.min_batches)
+        del loader
+    for kind in kinds:
+        print(f"[{kind}] " + ", ".join(f"{part} {out[kind][part]['images_per_s']:.1f}" for part in ("data", "step", "e2e"))
+              + " images/s", flush=True)
+    print(f"load average {os.getloadavg()[0]:.2f}", flush=True)
     return out
 
 
@@ -365,6 +391,11 @@ def gpu_reference(gpu_name: str) -> dict:
     return {"reference": None}
 
 
+def _describe(settings: dict) -> str:
+    return (f"{settings['num_workers']} loader workers, {settings['torch_threads']} torch threads, "
+            f"{'channels_last' if settings['channels_last'] else 'NCHW'}, {settings['amp'] or 'fp32'}")
+
+
 def markdown(result: dict) -> str:
     s = result["settings"]
     m = result["machine"]
@@ -375,6 +406,9 @@ def markdown(result: dict) -> str:
         f"before / {result['load_avg_after']} after; torch {m['torch']}, torchvision {m['torchvision']}, "
         f"Pillow {m['pillow']}. Images: {result['images']['count']} generated JPEGs, "
         f"mean {result['images']['mean_megapixels']} MP.",
+        "",
+        "Baseline: " + _describe(result["baseline"]["settings"]) + ". Ours: " + _describe(result["ours"]["settings"])
+        + f". Best of {s['rounds']} interleaved rounds of >= {s['seconds_per_measurement']:g} s per figure.",
         "",
         "| images/s | baseline (Udacity style) | ours | ours / baseline |",
         "|---|---:|---:|---:|",
@@ -411,8 +445,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--classes", type=int, default=5)
     p.add_argument("--per-class", type=int, default=None, help="images per class (default: 48 cpu, 400 cuda)")
     p.add_argument("--warmup", type=int, default=2, help="batches run before timing (each measurement)")
-    p.add_argument("--seconds", type=float, default=10.0, help="time each measurement at least this long")
-    p.add_argument("--rounds", type=int, default=2, help="interleaved rounds per loop; the best round counts")
+    p.add_argument("--seconds", type=float, default=8.0, help="time each measurement at least this long")
+    p.add_argument("--rounds", type=int, default=3, help="rounds; per figure, the best round counts")
     p.add_argument("--min-batches", type=int, default=3, help="... and over at least this many batches")
     p.add_argument("--only", choices=["baseline", "ours"], help="measure one loop only (no ratio, no results file)")
     p.add_argument("--seed", type=int, default=0)
@@ -439,8 +473,6 @@ def main(argv=None) -> int:
               "run the CPU benchmark (--device cpu) or run this on a GPU host", file=sys.stderr)
         return 2
     device = torch.device(args.device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
     root = make_images(Path(args.cache_dir), args.classes, args.per_class, args.seed)
     load_before = [round(x, 2) for x in os.getloadavg()]
     result = {
@@ -449,16 +481,16 @@ def main(argv=None) -> int:
         "machine": machine_info(device),
         "settings": {"device": args.device, "arch": args.arch, "weights": "none", "batch_size": args.batch_size,
                      "crop": CROP, "freeze_backbone": args.freeze_backbone, "warmup_batches": args.warmup,
-                     "seconds_per_measurement": args.seconds, "optimizer": "Adam", "lr": args.lr},
+                     "seconds_per_measurement": args.seconds, "rounds": args.rounds, "lr": args.lr},
         "images": describe_images(root),
         "load_avg_before": load_before,
     }
     kinds = [k for k in ("baseline", "ours") if args.only in (None, k)]
     rounds = {k: [] for k in kinds}
-    for r in range(args.rounds):  # interleaved, so a burst of load elsewhere hits both loops alike
-        for kind in kinds:
-            print(f"round {r + 1}/{args.rounds}: {kind} ...", flush=True)
-            rounds[kind].append(measure(kind, args, root, device, args.classes))
+    for r in range(args.rounds):
+        print(f"round {r + 1}/{args.rounds} ...", flush=True)
+        for kind, measured in measure_round(kinds, args, root, device, args.classes).items():
+            rounds[kind].append(measured)
     for kind in kinds:
         result[kind] = best_of(rounds[kind])
     result["load_avg_after"] = [round(x, 2) for x in os.getloadavg()]
