@@ -12,7 +12,8 @@ loop, in images/s:
   step   the training step alone, on one pre-made batch already on the device
   e2e    data + step, as training runs; `data_wait` is the share of it spent waiting for a batch
 
-Writes bench/results/train.json and bench/results/train.md (or --out). The images are generated
+Writes bench/results/train.json and train.md (train_gpu.*, train_frozen.* for --device cuda,
+--freeze-backbone; --out for another folder). The images are generated
 once into a cache directory (--cache-dir), never into the repository.
 """
 from __future__ import annotations
@@ -227,6 +228,10 @@ def _batch_size(batch) -> int:
 
 
 def time_data(loader, warmup: int, seconds: float, min_batches: int) -> dict:
+    # The workers fill their prefetch queues during warm-up: drain them too, or the
+    # first timed batches come for free and flatter a loader with many workers.
+    if loader.num_workers:
+        warmup += loader.num_workers * loader.prefetch_factor
     it = _batches(loader)
     for _ in range(warmup):
         next(it)
@@ -445,8 +450,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--classes", type=int, default=5)
     p.add_argument("--per-class", type=int, default=None, help="images per class (default: 48 cpu, 400 cuda)")
     p.add_argument("--warmup", type=int, default=2, help="batches run before timing (each measurement)")
-    p.add_argument("--seconds", type=float, default=8.0, help="time each measurement at least this long")
-    p.add_argument("--rounds", type=int, default=3, help="rounds; per figure, the best round counts")
+    p.add_argument("--seconds", type=float, default=5.0, help="time each measurement at least this long")
+    p.add_argument("--rounds", type=int, default=4, help="rounds; per figure, the best round counts")
     p.add_argument("--min-batches", type=int, default=3, help="... and over at least this many batches")
     p.add_argument("--only", choices=["baseline", "ours"], help="measure one loop only (no ratio, no results file)")
     p.add_argument("--seed", type=int, default=0)
@@ -506,7 +511,7 @@ def main(argv=None) -> int:
                          "ours_data_wait_share": result["ours"]["e2e"]["data_wait_share"],
                          **gpu_reference(result["machine"]["gpu"])}
     out = Path(args.out)
-    stem = "train" if device.type == "cpu" else "train_gpu"
+    stem = "train" + ("_gpu" if device.type == "cuda" else "") + ("_frozen" if args.freeze_backbone else "")
     write_atomic(out / f"{stem}.json", json.dumps(result, indent=2) + "\n")
     write_atomic(out / f"{stem}.md", markdown(result))
     print(markdown(result))
