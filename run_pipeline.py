@@ -70,8 +70,12 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.invoke import invoke
         return invoke(args.invoke[0], args.invoke[1:], raw_json=args.json, region=args.region)
 
-    from pipeline.config import load_config
-    cfg = load_config(args.config, region=args.region, role=args.role, bucket=args.bucket)
+    from pipeline.config import ConfigError, load_config
+    try:
+        cfg = load_config(args.config, region=args.region, role=args.role, bucket=args.bucket)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
     if args.prepare_data:
         from pipeline.data import prepare_data
@@ -90,11 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     built = build(cfg)  # the definition JSON, and the objects (code tarball) it expects in S3
     definition = built.definition
     if args.definition:
-        out = Path(args.definition)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(definition)
-        tmp.replace(out)
-        print(f"wrote {out}")
+        from pipeline.files import atomic_write
+        print(f"wrote {atomic_write(args.definition, definition)}")
     if args.graph:
         from pipeline.graph import draw_dag
         draw_dag(definition, args.graph)

@@ -28,9 +28,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import urlparse
 
-import numpy as np
-import torch
-from PIL import Image
+# On a shared, oversubscribed machine OpenMP's default spin-waiting makes one
+# process's idle threads burn the CPU another is timing on: figures swung 5x with
+# it. Passive waiting, here and (inherited) in the server: same setting for both.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -38,6 +43,16 @@ sys.path.insert(0, str(ROOT))
 from pipeline.sample_data import DOG_CLASS_DIRS  # noqa: E402
 from pipeline.serve import Handlers, launch  # noqa: E402
 from scripts import modeling  # noqa: E402
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def percentile(values, q):
@@ -177,7 +192,8 @@ def main(argv=None) -> int:
         per_round = max(1, args.requests // args.rounds)
         try:
             endpoint.wait_ready(300)
-            run_clients(endpoint.url, body, 1, 3)  # warm the connection path
+            run_clients(endpoint.url, body, 1, 3)  # warm-up: connection path, then batch shapes
+            run_clients(endpoint.url, body, args.clients, 2)
             for r in range(args.rounds):
                 print(f"round {r + 1}/{args.rounds}", flush=True)
                 raw_times, one_run = paired(raw, endpoint.url, body, per_round)
@@ -192,7 +208,7 @@ def main(argv=None) -> int:
     raw_p50 = percentile(raw1, 50)
     result = {
         "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+        "machine": {"platform": platform.platform(), "processor": cpu_model(),
                     "cpus": os.cpu_count(), "device": "cuda" if torch.cuda.is_available() else "cpu",
                     "load_average_before": [round(x, 2) for x in load_before],
                     "note": "shared machine: other jobs ran at the same time, figures are noisy"},
@@ -200,7 +216,8 @@ def main(argv=None) -> int:
                      "torchvision": __import__("torchvision").__version__, "pillow": Image.__version__,
                      "uvicorn": __import__("uvicorn").__version__, "starlette": __import__("starlette").__version__},
         "settings": {"arch": args.arch, "image_size": args.image_size, "classes": len(DOG_CLASS_DIRS),
-                     "torch_threads": args.threads, "max_batch_size": args.max_batch_size,
+                     "torch_threads": args.threads, "OMP_WAIT_POLICY": os.environ["OMP_WAIT_POLICY"],
+                     "max_batch_size": args.max_batch_size,
                      "max_batch_delay_ms": args.max_batch_delay_ms, "request": "500x375 JPEG, image/jpeg, keep-alive",
                      "requests": args.requests, "rounds": args.rounds},
         "raw_forward": {"batch1_p50_ms": raw_p50, "batch1_p99_ms": percentile(raw1, 99), "batch1_min_ms": min(raw1) * 1000,
@@ -215,6 +232,10 @@ def main(argv=None) -> int:
         "server_min_over_raw_forward_min": {"value": round(one["min_ms"] / (min(raw1) * 1000), 3),
                                             "note": "least noise-affected comparison; no target"},
         f"throughput_{args.clients}_over_1_client": {"value": round(gain, 3), "target": ">= 1.5", "met": gain >= 1.5},
+        # What batching can buy at all here: a batch-1 forward vs a batch-N forward per image.
+        # When one client already keeps every core busy, throughput cannot grow past it.
+        "batching_bound_raw_b1_over_bN_per_image": round(
+            raw_p50 / result["raw_forward"][f"batch{args.max_batch_size}_per_image_ms"], 3),
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

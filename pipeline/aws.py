@@ -22,6 +22,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from pipeline.config import PIPELINE_TAG
 from pipeline.local.store import split_s3_uri
+from pipeline.params import ParameterError, check_overrides, split_overrides
 
 # Our own ownership tag, set on the pipeline and (by the definition) on the models,
 # endpoint configs and endpoints its steps create: --cleanup deletes what carries it.
@@ -139,24 +140,11 @@ def preflight(region: str | None, role_arn: str | None, bucket: str | None,
 
 def parse_params(params: Iterable[str], definition: str) -> list[dict]:
     """`NAME=VALUE` strings -> PipelineParameters, checked against the definition's Parameters."""
-    declared = {p["Name"]: p for p in json.loads(definition).get("Parameters", [])}
-    casts = {"Integer": int, "Float": float, "String": str,
-             "Boolean": lambda v: {"true": "true", "false": "false"}[v.lower()]}
-    out = []
-    for item in params:
-        name, sep, value = item.partition("=")
-        if not sep or not name:
-            raise AwsSetupError(f"--param expects NAME=VALUE, got {item!r}")
-        if name not in declared:
-            raise AwsSetupError(f"unknown pipeline parameter {name!r}; the definition declares: "
-                                f"{', '.join(sorted(declared)) or '(none)'}")
-        kind = declared[name].get("Type", "String")
-        try:
-            casts.get(kind, str)(value)
-        except (ValueError, KeyError):
-            raise AwsSetupError(f"--param {name}={value!r}: {name} is of type {kind}")
-        out.append({"Name": name, "Value": value})
-    return out
+    try:
+        check_overrides(json.loads(definition), params)
+    except ParameterError as e:
+        raise AwsSetupError(str(e)) from None
+    return [{"Name": name, "Value": value} for name, value in split_overrides(params).items()]
 
 
 def upsert_pipeline(sm, name: str, definition: str, role_arn: str, tags: dict[str, str],

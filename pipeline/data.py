@@ -25,6 +25,7 @@ import zipfile
 from pathlib import Path, PurePosixPath
 from typing import TextIO
 
+from pipeline.files import atomic_write
 from pipeline.local.store import split_s3_uri
 from pipeline.sample_data import DOG_CLASS_DIRS, DOG_SPLIT_SIZES, SPLITS
 
@@ -78,12 +79,6 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(CHUNK), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _fetch_into(url: str, part: Path, timeout: float, out: TextIO) -> int:
@@ -168,7 +163,7 @@ def _finish(url: str, part: Path, dest: Path, record_path: Path, total: int, sha
         part.unlink()
         raise DataError(f"checksum mismatch for {url}: expected sha256 {sha256}, got {digest}; "
                         f"the file was removed: run again, or fix data.sha256")
-    _atomic_write_text(record_path, json.dumps({"url": url, "size": total, "sha256": digest}, indent=1))
+    atomic_write(record_path, json.dumps({"url": url, "size": total, "sha256": digest}, indent=1))
     os.replace(part, dest)
     note = "" if sha256 else " (no expected hash configured: recorded this one)"
     print(f"downloaded {dest} ({total / 1e6:.1f} MB, sha256 {digest}){note}", file=out)
@@ -357,7 +352,7 @@ def prepare_dataset(data_uri: str, source: str | os.PathLike | None = None, url:
         stamp = f"{zip_path.resolve()} {zip_path.stat().st_size} {zip_path.stat().st_mtime_ns}"
         if not (marker.exists() and marker.read_text() == stamp):
             safe_extract(zip_path, folder, out=out)
-            _atomic_write_text(marker, stamp)
+            atomic_write(marker, stamp)
         source = folder
     root = find_root(Path(source))
     counts = verify_dataset(root, strict=strict)

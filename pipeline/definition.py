@@ -11,7 +11,6 @@ import hashlib
 import io
 import json
 import logging
-import re
 import tarfile
 import warnings
 from dataclasses import dataclass, field
@@ -52,11 +51,6 @@ def code_uri(cfg: Config, tarball: bytes) -> str:
 
 # --- images -------------------------------------------------------------------
 
-def gpu_instance(instance_type: str) -> bool:
-    """ml.p*/ml.g* carry NVIDIA GPUs; everything else runs the CPU image."""
-    return re.match(r"^ml\.[pg]\d", instance_type) is not None
-
-
 def image(cfg: Config, scope: str, instance_type: str) -> str:
     """PyTorch DLC for a config instance type (not a Parameter: the SDK would read its default)."""
     from sagemaker import image_uris
@@ -86,7 +80,7 @@ def parameters(cfg: Config) -> Params:
     from sagemaker.workflow.parameters import ParameterFloat, ParameterInteger, ParameterString
     return Params(
         data_uri=ParameterString("DataUri", default_value=cfg.data.uri),
-        # Instance types may change per execution only within CPU or GPU (check_params):
+        # Instance types may change per execution only within CPU or GPU (pipeline.params):
         # the image was picked for the config's type.
         tuning_instance_type=ParameterString("TuningInstanceType", default_value=cfg.tuning.instance.type),
         training_instance_type=ParameterString("TrainingInstanceType", default_value=cfg.training.instance.type),
@@ -192,58 +186,3 @@ def build_definition(cfg: Config, object_store=None) -> str:
 
 
 # --- per-execution parameter overrides ----------------------------------------
-
-# Which image each instance-type Parameter runs: (step type, path to the image in its Arguments).
-_IMAGE_OF = {
-    "TuningInstanceType": ("Tuning", ("TrainingJobDefinition", "AlgorithmSpecification", "TrainingImage")),
-    "TrainingInstanceType": ("Training", ("AlgorithmSpecification", "TrainingImage")),
-    "EndpointInstanceType": ("Model", ("PrimaryContainer", "Image")),
-}
-
-
-def check_params(definition_json: str, params: list[str] | dict) -> dict:
-    """Validate `--param NAME=VALUE` overrides against a definition; return {name: typed value}.
-
-    Unknown names and wrong types fail, and so does an instance type that needs the
-    other image: the definition's CPU/GPU image was chosen at build time from config,
-    so switching needs a rebuild (set the type in pipeline.yaml), never a silent mismatch.
-    """
-    from pipeline.graph import all_steps
-    definition = json.loads(definition_json) if isinstance(definition_json, str) else definition_json
-    declared = {p["Name"]: p for p in definition.get("Parameters", [])}
-    if not isinstance(params, dict):
-        pairs = {}
-        for item in params:
-            name, sep, value = item.partition("=")
-            if not sep or not name:
-                raise ValueError(f"--param {item!r}: expected NAME=VALUE")
-            pairs[name] = value
-        params = pairs
-    out = {}
-    for name, value in params.items():
-        if name not in declared:
-            raise ValueError(f"--param {name}: not a parameter of this pipeline; known: {sorted(declared)}")
-        kind = declared[name]["Type"]
-        try:
-            out[name] = int(value) if kind == "Integer" else float(value) if kind == "Float" else str(value)
-        except ValueError:
-            raise ValueError(f"--param {name}={value!r}: expected {kind}") from None
-    for name, (step_type, path) in _IMAGE_OF.items():
-        if name not in out:
-            continue
-        for step in all_steps(definition):
-            if step["Type"] != step_type:
-                continue
-            node = step["Arguments"]
-            for key in path:
-                node = node.get(key, {}) if isinstance(node, dict) else {}
-            if not isinstance(node, str):
-                continue
-            built_gpu = "-gpu-" in node
-            if gpu_instance(out[name]) != built_gpu:
-                want = "GPU" if gpu_instance(out[name]) else "CPU"
-                have = "GPU" if built_gpu else "CPU"
-                raise ValueError(
-                    f"--param {name}={out[name]} needs the {want} image, but step {step['Name']} was built "
-                    f"with the {have} image {node}; set the instance type in the config and rebuild")
-    return out

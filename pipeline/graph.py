@@ -8,8 +8,9 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
+
+from pipeline.files import atomic_path
 
 _STEP_REF = re.compile(r"^Steps\.([^.\[]+)")
 
@@ -180,15 +181,9 @@ def draw_dag(definition_json: str, path: str | os.PathLike, statuses: dict[str, 
     ax.set_aspect("equal")
     ax.axis("off")
 
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".png", dir=out.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")
-        os.replace(tmp, out)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return out
+    return Path(path)

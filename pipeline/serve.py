@@ -25,7 +25,6 @@ import contextlib
 import importlib.util
 import inspect
 import io
-import json
 import logging
 import os
 import shutil
@@ -265,7 +264,8 @@ def build_app(model_dir: Path, *, program: str | None = None, max_batch_size: in
         except Exception as err:
             log.error("loading the model failed", exc_info=err)
             first_line = (str(err).strip().splitlines() or [""])[0]
-            log.error("model_fn failed, so the endpoint cannot serve %s: %s: %s", model_dir, type(err).__name__, first_line)
+            log.error("loading the handlers or model_fn failed, so the endpoint cannot serve %s: %s: %s",
+                      model_dir, type(err).__name__, first_line)
             if on_load_failure:
                 on_load_failure()
             return
@@ -274,6 +274,7 @@ def build_app(model_dir: Path, *, program: str | None = None, max_batch_size: in
         state["ready"] = True
         log.info("model loaded from %s (%s): ready", model_dir, handlers.program)
 
+    @contextlib.asynccontextmanager
     async def lifespan(app):
         loader = asyncio.create_task(startup())  # bind now; /ping says 503 until loaded
         yield

@@ -163,7 +163,8 @@ def _decode_json(body: bytes | str) -> list[bytes]:
         raise InferenceError(400, f"body is not valid JSON ({err}): send {{\"instances\": [{{\"b64\": \"...\"}}]}}") from err
     instances = payload.get("instances") if isinstance(payload, dict) else None
     if not isinstance(instances, list) or not instances:
-        raise InferenceError(400, 'JSON body needs a non-empty "instances" list: {"instances": [{"b64": "<base64 JPEG or PNG>"}]}')
+        raise InferenceError(400, 'JSON body needs a non-empty "instances" list: '
+                                  '{"instances": [{"b64": "<base64 JPEG or PNG>"}]}')
     if len(instances) > MAX_INSTANCES:
         raise InferenceError(413, f'"instances" holds {len(instances)} images: at most {MAX_INSTANCES} per request')
     files = []

@@ -32,7 +32,8 @@ if args.die_once and not os.path.exists(os.path.join(ckpt, "died")):
 seen = {"argv": sys.argv[1:], "channel": os.environ["SM_CHANNEL_TRAIN"],
         "files": sorted(os.listdir(os.environ["SM_CHANNEL_TRAIN"])),
         "hps": json.loads(os.environ["SM_HPS"]), "config": sorted(os.listdir(os.environ["SM_INPUT_CONFIG_DIR"])),
-        "resource": json.load(open(os.path.join(os.environ["SM_INPUT_CONFIG_DIR"], "resourceconfig.json")))}
+        "resource": json.load(open(os.path.join(os.environ["SM_INPUT_CONFIG_DIR"], "resourceconfig.json"))),
+        "env": {k: v for k, v in os.environ.items() if k.startswith("SM_") and k != "SM_TRAINING_ENV"}}
 score = max(0.0, 1.0 - abs(math.log10(args.lr) + 2.0) / 2.0)
 for e in range(1, args.epochs + 1):
     loss = 2.0 / (e * (score + 0.1) + 1)

@@ -6,9 +6,11 @@ import io
 import json
 import shutil
 import socket
+import struct
 import tarfile
 import urllib.error
 import urllib.request
+import zlib
 from pathlib import Path
 
 import torch
@@ -91,3 +93,11 @@ def ping(url: str) -> int:
             return reply.status
     except urllib.error.HTTPError as err:
         return err.code
+
+
+def png_header_only(width, height):
+    """A PNG that claims width x height: what a decompression bomb looks like before decoding."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")

@@ -156,10 +156,10 @@ def test_preflight_errors_create_nothing(account, monkeypatch, capsys, setup, cf
 
 
 @pytest.mark.parametrize("params, message", [
-    (["Threshold=0.5"], "unknown pipeline parameter 'Threshold'; the definition declares: AccuracyThreshold, "
-                        "DataUri, MaxTrials, TrainingInstanceType"),
-    (["MaxTrials=two"], "MaxTrials is of type Integer"),
-    (["AccuracyThreshold"], "--param expects NAME=VALUE"),
+    (["Threshold=0.5"], "--param Threshold: not a parameter of this pipeline; known: ['AccuracyThreshold', "
+                        "'DataUri', 'MaxTrials', 'TrainingInstanceType']"),
+    (["MaxTrials=two"], "--param MaxTrials='two': expected Integer"),
+    (["AccuracyThreshold"], "--param 'AccuracyThreshold': expected NAME=VALUE"),
 ])
 def test_bad_params_are_refused_before_any_call(account, capsys, params, message):
     rc, _ = run_execute(make_cfg(), params=params)

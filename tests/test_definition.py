@@ -17,7 +17,8 @@ import pytest
 import yaml
 
 from pipeline.config import load_config, parse_config
-from pipeline.definition import Build, build, build_definition, check_params, code_uri, source_tarball
+from pipeline.definition import Build, build, build_definition, code_uri, source_tarball
+from pipeline.params import check_overrides
 from pipeline.graph import all_steps, dag_edges, draw_dag
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -339,21 +340,21 @@ def test_object_store_gets_the_code_where_the_definition_says(built, configs, st
     assert names == expected
 
 
-def test_check_params(built):
-    text = built["real"].definition
-    assert check_params(text, ["TrainingInstanceType=ml.g5.2xlarge", "AccuracyThreshold=0.9",
+def test_parameter_overrides_are_typed_and_keep_the_built_image(built):
+    definition = json.loads(built["real"].definition)
+    assert check_overrides(definition, ["TrainingInstanceType=ml.g5.2xlarge", "AccuracyThreshold=0.9",
                                "EndpointInstanceCount=2"]) == {
         "TrainingInstanceType": "ml.g5.2xlarge", "AccuracyThreshold": 0.9, "EndpointInstanceCount": 2}
     with pytest.raises(ValueError, match="needs the CPU image, but step TrainModel was built with the GPU image"):
-        check_params(text, ["TrainingInstanceType=ml.m5.xlarge"])
+        check_overrides(definition, ["TrainingInstanceType=ml.m5.xlarge"])
     with pytest.raises(ValueError, match="needs the GPU image, but step Model-CreateModel"):
-        check_params(text, ["EndpointInstanceType=ml.g4dn.xlarge"])
+        check_overrides(definition, ["EndpointInstanceType=ml.g4dn.xlarge"])
     with pytest.raises(ValueError, match="not a parameter of this pipeline"):
-        check_params(text, ["Threshold=0.9"])
+        check_overrides(definition, ["Threshold=0.9"])
     with pytest.raises(ValueError, match="expected Float"):
-        check_params(text, ["AccuracyThreshold=high"])
+        check_overrides(definition, ["AccuracyThreshold=high"])
     with pytest.raises(ValueError, match="expected NAME=VALUE"):
-        check_params(text, ["AccuracyThreshold"])
+        check_overrides(definition, ["AccuracyThreshold"])
 
 
 # --- golden file ----------------------------------------------------------------

@@ -102,3 +102,22 @@ def test_failing_branch_from_the_cache(run):
     for name in ("TuneHyperparameters", "TrainModel"):
         assert record["Steps"][name]["CacheHitResult"]["SourcePipelineExecutionArn"] == \
             run["record"]["PipelineExecutionArn"]
+
+
+def test_an_edited_definition_file_runs_as_edited(run):
+    out = run["tmp"] / "def.json"
+    built = subprocess.run([sys.executable, str(REPO / "run_pipeline.py"), "--config", str(run["config"]),
+                            "--definition", str(out)], cwd=REPO, env=run["env"], capture_output=True, text=True,
+                           timeout=300)
+    assert built.returncode == 0, built.stderr[-2000:]
+    definition = json.loads(out.read_text())
+    check = next(s for s in definition["Steps"] if s["Type"] == "Condition")
+    check["Arguments"]["Conditions"][0]["RightValue"] = 1.5  # an edit no config could make
+    out.write_text(json.dumps(definition))
+    done = _cli("--config", str(run["config"]), "--definition-file", str(out), "--run-dir", str(run["tmp"] / "run3"),
+                env=run["env"])
+    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
+    record = read_json(run["tmp"] / "run3" / "execution.json")
+    assert record["Steps"]["CheckAccuracy"]["Arguments"]["Conditions"][0]["RightValue"] == 1.5
+    assert record["Steps"]["CheckAccuracy"]["Properties"]["Outcome"] == "False"
+    assert "is below the threshold" in done.stderr

@@ -54,6 +54,15 @@ def test_runs_tuning_training_model_condition_register(first, store):
     assert seen["hps"]["epochs"] == 3 and seen["files"] == ["train"]
     assert seen["config"] == ["hyperparameters.json", "inputdataconfig.json", "resourceconfig.json"]
     assert seen["resource"]["current_host"] == "algo-1"
+    env = seen["env"]  # sagemaker-training's environment contract
+    assert json.loads(env["SM_USER_ARGS"]) == argv and env["SM_HP_LR"] == best["TunedHyperParameters"]["lr"]
+    assert env["SM_CURRENT_HOST"] == "algo-1" and json.loads(env["SM_HOSTS"]) == ["algo-1"]
+    assert json.loads(env["SM_CHANNELS"]) == ["train"] and env["SM_USER_ENTRY_POINT"] == "train.py"
+    assert env["SM_MODEL_DIR"].endswith("opt_ml/model") and env["SM_OUTPUT_DATA_DIR"].endswith("opt_ml/output/data")
+    # trials get the tuner's _tuning_objective_metric in hyperparameters.json, never on their (strict) CLI
+    trial_hps = read_json(trial_dirs(run_dir)[0] / "opt_ml" / "input" / "config" / "hyperparameters.json")
+    assert trial_hps["_tuning_objective_metric"] == '"test accuracy"'
+    assert "_tuning_objective_metric" not in (trial_dirs(run_dir)[0] / "job.log").read_text().splitlines()[0]
     # DescribeTrainingJob shapes, artifacts where AWS puts them
     acc = {m["MetricName"]: m["Value"] for m in train["FinalMetricDataList"]}["test accuracy"]
     assert acc == pytest.approx(read_eval(store, rec)["metrics"]["accuracy"]["value"])
@@ -99,7 +108,7 @@ def test_failing_branch_ends_failed_with_the_fail_step_message(first, store, mon
     assert rec["Steps"]["Check"]["Properties"]["Outcome"] == "False"
     assert rec["Steps"]["Register-RegisterModel"]["StepStatus"] == "NotExecuted"
     assert rec["Steps"]["Fail"]["StepStatus"] == "Failed"
-    with pytest.raises(DefinitionError, match="valid: \\['AccuracyThreshold', 'TrainingData'\\]"):
+    with pytest.raises(DefinitionError, match="known: \\['AccuracyThreshold', 'TrainingData'\\]"):
         execute(toy_definition(), store=store, run_dir=tmp_path / "r2", params=["Threshold=1"])
 
 
@@ -139,6 +148,8 @@ def test_resume_after_kill_redoes_no_finished_trial(store, tmp_path, sig, parall
             break
         time.sleep(0.1)
     assert trials_json is not None, "the first trial never finished"
+    with pytest.raises(DefinitionError, match=f"in use by another execution \\(pid {proc.pid}\\)"):
+        execute(d, store=store, run_dir=tmp_path / "run", report=False)
     os.kill(proc.pid, sig)
     proc.wait(timeout=60)  # Ctrl-C stops the running trials too, it does not wait for them
     before = read_json(trials_json)

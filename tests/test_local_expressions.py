@@ -97,9 +97,9 @@ def test_parameters_defaults_overrides_and_errors():
                         {"Name": "N", "Type": "Integer", "DefaultValue": 2},
                         {"Name": "S", "Type": "String", "DefaultValue": "a"}], "Steps": []}
     assert parse_parameters(d, ["T=1.01"]) == {"T": 1.01, "N": 2, "S": "a"}
-    with pytest.raises(DefinitionError, match="not a pipeline parameter; valid: \\['N', 'S', 'T'\\]"):
+    with pytest.raises(DefinitionError, match="not a parameter of this pipeline; known: \\['N', 'S', 'T'\\]"):
         parse_parameters(d, ["X=1"])
-    with pytest.raises(DefinitionError, match="not a valid Integer"):
+    with pytest.raises(DefinitionError, match="expected Integer"):
         parse_parameters(d, ["N=two"])
     with pytest.raises(DefinitionError, match="expected NAME=VALUE"):
         parse_parameters(d, ["T"])

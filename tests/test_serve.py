@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tarfile
 import threading
+import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +20,7 @@ import torch
 from pipeline import invoke as invoke_mod
 from pipeline import serve as serve_mod
 from tests._serve_helpers import (LABELS, ROOT, b64_batch, free_port, image_bytes, make_model_dir, make_tarball,
-                                  ping, post)
+                                  ping, png_header_only, post)
 
 ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
@@ -28,14 +29,18 @@ ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 # crash or hang it (recognised by their size).
 TESTING_PROGRAM = '''
 import time
-from inference import model_fn, input_fn, output_fn, predict_fn as _predict_fn
+from inference import input_fn, output_fn, model_fn as _model_fn, predict_fn as _predict_fn
+
+def model_fn(model_dir):
+    time.sleep(1.5)  # a slow load: /ping must say 503 meanwhile
+    return _model_fn(model_dir)
 
 def predict_fn(data, model):
     sizes = {image.size for image in data["images"]}
     if (13, 13) in sizes:
         raise RuntimeError("secret internal detail")
     if (17, 17) in sizes:
-        time.sleep(2.5)
+        time.sleep(3.6)
     if (19, 19) in sizes:
         print("slow request in flight", flush=True)
         time.sleep(1)
@@ -69,11 +74,25 @@ def endpoint(tarball, tmp_path_factory):
 def testing_endpoint(model_dir, tmp_path_factory):
     ep = serve_mod.launch(model_dir, env={**ENV, "SAGEMAKER_PROGRAM": "testing_inference.py"},
                           log_path=tmp_path_factory.mktemp("log") / "testing.log",
-                          max_batch_size=8, max_batch_delay_ms=50, timeout_s=2)
+                          max_batch_size=8, max_batch_delay_ms=50, timeout_s=3)
     try:
+        ep.first_ping = None
+        while ep.first_ping is None and ep.process.poll() is None:
+            if ep.url is None and ep.url_file.is_file():
+                ep.url = ep.url_file.read_text().strip()
+            try:
+                ep.first_ping = ping(ep.url) if ep.url else None
+            except OSError:  # not accepting connections yet
+                pass
+            time.sleep(0.05)
         yield ep.wait_ready(120)
     finally:
         ep.stop()
+
+
+def test_ping_says_503_until_model_fn_has_returned(testing_endpoint):
+    assert testing_endpoint.first_ping == 503
+    assert ping(testing_endpoint.url) == 200
 
 
 @pytest.fixture(scope="module")
@@ -132,8 +151,7 @@ BAD_REQUESTS = [
 
 
 def test_bad_requests_get_their_4xx_and_the_server_stays_healthy(endpoint):
-    from tests.test_inference import _png_header_only
-    for body, ctype, accept, status, word in BAD_REQUESTS + [(_png_header_only(9000, 9000), "image/png", None, 413,
+    for body, ctype, accept, status, word in BAD_REQUESTS + [(png_header_only(9000, 9000), "image/png", None, 413,
                                                               "INFERENCE_MAX_PIXELS")]:
         got, answer, headers = post(endpoint.url, body, ctype, accept or "application/json")
         assert (got, word in answer["error"]) == (status, True), (ctype, answer)
@@ -179,7 +197,7 @@ def test_handler_crash_is_a_500_without_internals_and_the_server_goes_on(testing
 
 def test_a_request_past_the_timeout_gets_504_and_the_server_recovers(testing_endpoint):
     status, answer, _ = post(testing_endpoint.url, image_bytes("PNG", size=(17, 17)), "image/png")
-    assert status == 504 and "2 s" in answer["error"]
+    assert status == 504 and "3 s" in answer["error"]
     assert ping(testing_endpoint.url) == 200
     for _ in range(20):  # the hung forward pass still holds the model for a moment
         if post(testing_endpoint.url, IMAGES[1], "image/jpeg")[0] == 200:
@@ -203,7 +221,7 @@ def test_bounded_load_ends_with_zero_errors_and_one_log_line_per_request(endpoin
         lines = [line for line in endpoint.log_path.read_text().splitlines() if '"POST /invocations"' in line]
         if len(lines) - before >= 120:
             break
-        threading.Event().wait(0.05)
+        time.sleep(0.05)
     assert len(lines) - before == 120
     assert all(re.search(r'"POST /invocations" 200 [\d.]+ms batch=[1-8]$', line) for line in lines[before:])
 
@@ -222,7 +240,7 @@ def test_cli_serve_takes_sagemaker_program_and_stops_gracefully_on_sigterm(model
         with ThreadPoolExecutor(1) as pool:  # a slow request in flight while SIGTERM arrives
             slow = pool.submit(post, endpoint.url, image_bytes("PNG", size=(19, 19)), "image/png")
             while "slow request in flight" not in log.read_text() and not slow.done():
-                threading.Event().wait(0.05)
+                time.sleep(0.05)
             proc.send_signal(signal.SIGTERM)
             assert slow.result(timeout=60)[0] == 200
         assert proc.wait(60) == 0, log.read_text()
@@ -285,7 +303,7 @@ def test_a_model_fn_failure_stops_the_server_with_the_reason_logged(tmp_path):
     model_dir = make_model_dir(tmp_path / "model")
     (model_dir / "model.pth").write_bytes(b"not a state dict")
     ep = serve_mod.launch(model_dir, env=ENV)
-    with pytest.raises(RuntimeError, match="model_fn failed"):
+    with pytest.raises(RuntimeError, match="model_fn failed, so the endpoint cannot serve .*UnpicklingError"):
         ep.wait_ready(120)
     assert ep.stop() == 1
 

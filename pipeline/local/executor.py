@@ -16,7 +16,6 @@ resumes that execution: finished steps and tuning trials are not redone.
 """
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import io
 import json
@@ -36,6 +35,7 @@ from pipeline.local import expressions as ex
 from pipeline.local.jobs import JobError, arn, bar, now_iso, read_json, run_training_job, write_json
 from pipeline.local.store import LocalStore, REPO_ROOT
 from pipeline.local.tuner import TuningError, run_tuning_job
+from pipeline.params import ParameterError, resolve_parameters
 
 SUPPORTED = ("Training", "Tuning", "Model", "RegisterModel", "Condition", "Fail", "EndpointConfig", "Endpoint")
 RESUMABLE = ("Executing", "Stopping", "Stopped")
@@ -129,36 +129,10 @@ def topological_order(deps: dict[str, set[str]]) -> list[str]:
 
 
 def parse_parameters(definition: dict, overrides: list[str] | dict | None) -> dict[str, Any]:
-    declared = {p["Name"]: p for p in definition.get("Parameters", [])}
-    values = {}
-    items = overrides.items() if isinstance(overrides, dict) else [
-        tuple(o.split("=", 1)) if "=" in o else (o, None) for o in (overrides or [])]
-    given = {}
-    for name, value in items:
-        if value is None:
-            raise DefinitionError(f"--param {name!r}: expected NAME=VALUE")
-        if name not in declared:
-            raise DefinitionError(f"--param {name}: not a pipeline parameter; valid: {sorted(declared)}")
-        given[name] = value
-    for name, p in declared.items():
-        kind = p.get("Type", "String")
-        raw = given.get(name, p.get("DefaultValue"))
-        if raw is None:
-            raise DefinitionError(f"parameter {name} has no DefaultValue: pass --param {name}=VALUE")
-        try:
-            if kind == "Integer":
-                values[name] = int(raw)
-            elif kind == "Float":
-                values[name] = float(raw)
-            elif kind == "Boolean":
-                values[name] = raw if isinstance(raw, bool) else {"true": True, "false": False}[str(raw).lower()]
-            else:
-                values[name] = str(raw)
-        except (ValueError, KeyError):
-            raise DefinitionError(f"parameter {name}: {raw!r} is not a valid {kind}") from None
-        if p.get("EnumValues") and values[name] not in p["EnumValues"]:
-            raise DefinitionError(f"parameter {name}: {values[name]!r} not in {p['EnumValues']}")
-    return values
+    try:
+        return resolve_parameters(definition, overrides)
+    except ParameterError as e:
+        raise DefinitionError(str(e)) from None
 
 
 def _duration_s(text: str | None) -> float | None:
@@ -316,9 +290,17 @@ class Execution:
                     self._cache_store(name, step, args, rec["Properties"])
                 rec["StepStatus"] = "Succeeded"
                 break
-            except (StepFailed, ex.ExpressionError, JobError, TuningError, DefinitionError) as e:
-                reason = e.reason if isinstance(e, StepFailed) else f"{type(e).__name__}: {e}"
-                retry_kind = e.retry_kind if isinstance(e, StepFailed) else None
+            except Exception as e:  # noqa: BLE001 - every failure is the step's, with its reason
+                if isinstance(e, (StepFailed, ex.ExpressionError, JobError, TuningError, DefinitionError)):
+                    reason = e.reason if isinstance(e, StepFailed) else f"{type(e).__name__}: {e}"
+                    retry_kind = e.retry_kind if isinstance(e, StepFailed) else None
+                else:  # our own fault, not the definition's: AWS calls that a service fault
+                    import traceback
+                    trace = self.step_dir(name) / "error.txt"
+                    trace.parent.mkdir(parents=True, exist_ok=True)
+                    trace.write_text(traceback.format_exc())
+                    reason = f"InternalError: {type(e).__name__}: {e} (traceback: {trace})"
+                    retry_kind = "SERVICE_FAULT"
                 wait = _retry_wait(policies, retry_kind, attempt)
                 if wait is not None:
                     self.say(f"{name}: attempt {attempt} failed ({reason[:120]}); retrying in {wait:g}s "
@@ -576,9 +558,14 @@ class Execution:
 
 
 def _stop_pid(pid: int) -> None:
+    """Stop a kept endpoint from an earlier run, only if that pid is still our server (pids get reused)."""
+    import psutil
     try:
-        os.kill(int(pid), signal.SIGTERM)
-    except (ProcessLookupError, PermissionError, ValueError):
+        proc = psutil.Process(int(pid))
+        if "pipeline.serve" in " ".join(proc.cmdline()):
+            proc.terminate()
+            proc.wait(30)
+    except (psutil.Error, ValueError):
         pass
 
 
@@ -651,9 +638,14 @@ def execute(definition: str | dict, *, store: LocalStore, run_dir: str | Path, p
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     parameters = parse_parameters(definition, params)
-    write_json(run_dir / "definition.json", definition)
-    execution = Execution(definition, store, run_dir, parameters=parameters, pipeline_name=pipeline_name,
-                          progress=progress, keep_endpoint=keep_endpoint)
+    lock = _lock_run_dir(run_dir)
+    try:
+        write_json(run_dir / "definition.json", definition)
+        execution = Execution(definition, store, run_dir, parameters=parameters, pipeline_name=pipeline_name,
+                              progress=progress, keep_endpoint=keep_endpoint)
+    except BaseException:
+        lock.close()
+        raise
 
     def on_term(signum, frame):
         raise KeyboardInterrupt
@@ -671,6 +663,7 @@ def execute(definition: str | dict, *, store: LocalStore, run_dir: str | Path, p
         raise
     finally:
         execution.close()
+        lock.close()
         if old is not None:
             signal.signal(signal.SIGTERM, old)
     if report:
@@ -701,6 +694,25 @@ def _missing_code(definition: dict, store: LocalStore) -> list[str]:
                 visit(x)
     visit(definition.get("Steps", []))
     return found
+
+
+def _lock_run_dir(run_dir: Path):
+    """One execution per run dir at a time; the lock dies with the process, however it ends."""
+    import fcntl
+    f = open(run_dir / ".lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "?"
+        f.close()
+        raise DefinitionError(f"{run_dir} is in use by another execution (pid {holder}); "
+                              "wait for it or pass another --run-dir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    return f
 
 
 def _main_thread() -> bool:

@@ -25,7 +25,6 @@ import signal
 import subprocess
 import sys
 import tarfile
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -33,6 +32,7 @@ from typing import Any, Callable
 
 import psutil
 
+from pipeline.files import atomic_path, atomic_write
 from pipeline.local.store import LocalStore
 from scripts.metrics import parse_metrics
 
@@ -50,15 +50,7 @@ def now_iso() -> str:
 
 def write_json(path: Path, data: Any) -> Path:
     """Atomic: readers see the old file or the new one, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, json.dumps(data, indent=1, default=str))
 
 
 def read_json(path: Path, default: Any = None) -> Any:
@@ -80,14 +72,9 @@ def arn(kind: str, name: str) -> str:
 
 def pack_dir(source: Path, store: LocalStore, uri: str) -> str:
     """tar.gz a directory's content (like SageMaker's model.tar.gz) into the store, atomically."""
-    dest = store.path(uri)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
-    os.close(fd)
-    with tarfile.open(tmp, "w:gz") as tar:
+    with atomic_path(store.path(uri)) as tmp, tarfile.open(tmp, "w:gz") as tar:
         for item in sorted(Path(source).iterdir()) if Path(source).exists() else []:
             tar.add(item, arcname=item.name)
-    os.replace(tmp, dest)
     return uri
 
 

@@ -14,6 +14,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from pipeline.files import atomic_write  # noqa: E402
 from pipeline.local.jobs import read_json  # noqa: E402
 
 COLOURS = {"Succeeded": "#4caf50", "Failed": "#e53935", "Executing": "#fb8c00", "Stopped": "#9e9e9e",
@@ -41,19 +42,26 @@ def draw_status_dag(definition: dict, statuses: dict[str, str], path: Path) -> P
     return path
 
 
-def _loss_curves(record: dict, path: Path) -> Path | None:
-    series = []
+def _loss_curves(record: dict, path: Path, run_dir: Path) -> Path | None:
+    series = []  # (label, values, style)
     for name, rec in record["Steps"].items():
         job_dir = (rec.get("Properties") or {}).get("LocalJobDir")
         metrics = read_json(Path(job_dir) / "metrics.json") if job_dir else None
         for metric, values in (metrics or {}).items():
             if "loss" in metric and len(values) > 1 and metric.startswith("epoch"):
-                series.append((f"{name}: {metric.split(':', 1)[-1]}", values))
+                series.append((f"{name}: {metric.split(':', 1)[-1]}", values, "-"))
+    # the tuning trials' validation loss, thin and dashed, behind the final job's curves
+    for trial in sorted(run_dir.glob(f"steps/{record['PipelineExecutionId']}/*/trials/*/metrics.json")):
+        values = (read_json(trial) or {}).get("epoch:valid_loss", [])
+        if len(values) > 1:
+            series.insert(0, (f"trial {trial.parent.name.rsplit('-', 2)[-2]}: valid_loss", values, "--"))
     if not series:
         return None
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for label, values in series:
-        ax.plot(range(1, len(values) + 1), values, marker="o", label=label)
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    for label, values, style in series:
+        ax.plot(range(1, len(values) + 1), values, style, marker="o", label=label,
+                linewidth=1 if style == "--" else 2, alpha=0.6 if style == "--" else 1)
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss")
     ax.legend(fontsize=8)
@@ -116,7 +124,7 @@ def write_report(run_dir: str | Path, record: dict, definition: dict, store=None
                  s["TrainingJobStatus"], ", ".join(f"{k}={v}" for k, v in s["TunedHyperParameters"].items())]
                 for i, s in enumerate(summaries, start=1)]), ""]
 
-    curves = _loss_curves(record, fig_dir / "loss_curves.png")
+    curves = _loss_curves(record, fig_dir / "loss_curves.png", run_dir)
     if curves:
         lines += ["## Loss curves", "", f"![loss curves](report/{curves.name})", ""]
 
@@ -135,7 +143,11 @@ def write_report(run_dir: str | Path, record: dict, definition: dict, store=None
                 for r in rules]), ""]
         prof = props.get("ProfilerSummary")
         if prof:
-            rows = [[k, json.dumps(v)] for k, v in prof.items()]
+            labels = {"cpu_percent": "CPU % of the job's processes (100 = one core)",
+                      "memory_mb": "resident memory, MB", "gpu_percent": "GPU utilisation %",
+                      "gpu_memory_mb": "GPU memory, MB", "seconds": "sampled seconds", "samples": "samples"}
+            rows = [[labels.get(k, k), ", ".join(f"{a} {b}" for a, b in v.items()) if isinstance(v, dict) else v]
+                    for k, v in prof.items()]
             lines += [f"## Profiler ({name})", "", _table(["system metric", "value"], rows), ""]
             job_dir = props.get("LocalJobDir")
             framework = Path(job_dir) / "opt_ml" / "output" / "profiler" / "framework" if job_dir else None
@@ -156,8 +168,4 @@ def write_report(run_dir: str | Path, record: dict, definition: dict, store=None
     if record.get("FailStepMessage") is not None:
         lines += ["## Fail step", "", f"`{record['FailStepMessage']}`", ""]
 
-    out = run_dir / "report.md"
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(out)
-    return out
+    return atomic_write(run_dir / "report.md", "\n".join(lines) + "\n")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +29,13 @@ def _quiet_smdebug() -> None:
 
 
 _quiet_smdebug()
-from smdebug.core.modes import ModeKeys  # noqa: E402
-from smdebug.exceptions import (  # noqa: E402
-    RuleEvaluationConditionMet, StepUnavailable, TensorUnavailable, TensorUnavailableForStep)
-from smdebug.rules.rule import Rule  # noqa: E402
-from smdebug.trials import create_trial  # noqa: E402
+with warnings.catch_warnings():  # smdebug's generated protobuf code trips protobuf's deprecations
+    warnings.simplefilter("ignore", DeprecationWarning)
+    from smdebug.core.modes import ModeKeys
+    from smdebug.exceptions import (
+        RuleEvaluationConditionMet, StepUnavailable, TensorUnavailable, TensorUnavailableForStep)
+    from smdebug.rules.rule import Rule
+    from smdebug.trials import create_trial
 
 
 def _bool(text: Any) -> bool:

@@ -11,6 +11,8 @@ import shutil
 import tempfile
 from pathlib import Path, PurePosixPath
 
+from pipeline.files import atomic_path, atomic_write
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_ROOT = REPO_ROOT / "runs" / "s3"
 
@@ -40,22 +42,12 @@ class LocalStore:
         return self.path(uri).exists()
 
     def put_bytes(self, uri: str, data: bytes) -> Path:
-        dest = self.path(uri)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, dest)
-        return dest
+        return atomic_write(self.path(uri), data)
 
     def put_file(self, uri: str, source: str | os.PathLike) -> Path:
-        dest = self.path(uri)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
-        os.close(fd)
-        shutil.copyfile(source, tmp)
-        os.replace(tmp, dest)
-        return dest
+        with atomic_path(self.path(uri)) as tmp:
+            shutil.copyfile(source, tmp)
+        return self.path(uri)
 
     def put_dir(self, uri: str, source: str | os.PathLike) -> Path:
         """Copy a directory tree under `uri` (a prefix), replacing what was there."""
