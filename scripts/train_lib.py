@@ -354,12 +354,23 @@ class TrainCrop:
         return to_uint8_hwc(out)
 
 
+def eval_pixels(resize: int, crop: int) -> transforms.Compose:
+    return transforms.Compose([transforms.Resize(resize, antialias=True), transforms.CenterCrop(crop)])
+
+
+def eval_transform(resize: int, crop: int, mean=modeling.IMAGENET_MEAN, std=modeling.IMAGENET_STD):
+    """Evaluation preprocessing as one float transform of a loaded image: what inference.py
+    reproduces. The loader runs its pixel part (EvalCrop) and normalises batches on the device."""
+    return transforms.Compose([*eval_pixels(resize, crop).transforms, transforms.ToTensor(),
+                               transforms.Normalize(mean, std)])
+
+
 class EvalCrop:
-    """Resize (shorter side) + CenterCrop, the inference preprocessing; uint8 HWC."""
+    """Resize (shorter side) + CenterCrop of load_image's reduced decode; uint8 HWC."""
 
     def __init__(self, resize: int, crop: int):
         self.resize = resize
-        self.pil = transforms.Compose([transforms.Resize(resize, antialias=True), transforms.CenterCrop(crop)])
+        self.pil = eval_pixels(resize, crop)
 
     def __call__(self, path: Path) -> torch.Tensor:
         return to_uint8_hwc(self.pil(load_image(path, self.resize)))
