@@ -12,7 +12,8 @@ loop, in images/s:
   step   the training step alone, on one pre-made batch already on the device
   e2e    data + step, as training runs; `data_wait` is the share of it spent waiting for a batch
 
-Writes bench/results/train.json and bench/results/train.md (or --out). The images are generated
+Writes bench/results/train.json and train.md (train_gpu.*, train_frozen.* for --device cuda,
+--freeze-backbone; --out for another folder). The images are generated
 once into a cache directory (--cache-dir), never into the repository.
 """
 from __future__ import annotations
@@ -126,6 +127,7 @@ class BaselineLoop:
         self.criterion = nn.CrossEntropyLoss()
         self.optimizer = torch.optim.Adam(params, lr=lr)
         self.running_loss = 0.0
+        self.settings = {"num_workers": 0, "amp": None, "channels_last": False, "optimizer": "Adam"}
 
     def loader(self, root: Path, batch_size: int) -> torch.utils.data.DataLoader:
         tf = transforms.Compose([
@@ -169,6 +171,7 @@ class OursLoop:
         self.device = device
         self.d = train_lib.Dist()
         self.ctx = train_lib.make_context(self.args, device, self.d, callbacks=[])
+        train_lib.set_cpu_threads(self.args, device, self.num_workers)
         self.model = model.to(device, memory_format=torch.channels_last if self.ctx.channels_last
                               else torch.contiguous_format)
         head_only = args.freeze_backbone
@@ -180,12 +183,13 @@ class OursLoop:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: 1.0)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.ctx.dtype == torch.float16)
         self.sums = torch.zeros(2, device=device, dtype=torch.float64)
-        self.settings = {"num_workers": self.num_workers, "amp": str(self.ctx.dtype),
-                         "channels_last": self.ctx.channels_last, "flags": flags}
+        amp = str(self.ctx.dtype).replace("torch.", "") if self.ctx.dtype else None
+        self.settings = {"num_workers": self.num_workers, "amp": amp, "channels_last": self.ctx.channels_last,
+                         "flags": flags}
 
     @property
     def num_workers(self) -> int:
-        return self.tl.resolve_num_workers(self.args)
+        return self.tl.resolve_num_workers(self.args, self.device)
 
     def loader(self, root: Path, batch_size: int):
         samples = [(path, i) for i, (_, files) in enumerate(self.tl.scan_split(root / "train", "train").items())
@@ -224,6 +228,10 @@ def _batch_size(batch) -> int:
 
 
 def time_data(loader, warmup: int, seconds: float, min_batches: int) -> dict:
+    # The workers fill their prefetch queues during warm-up: drain them too, or the
+    # first timed batches come for free and flatter a loader with many workers.
+    if loader.num_workers:
+        warmup += loader.num_workers * loader.prefetch_factor
     it = _batches(loader)
     for _ in range(warmup):
         next(it)
@@ -319,25 +327,50 @@ def build(arch: str, num_classes: int, freeze_backbone: bool, device: torch.devi
     return model, params
 
 
-def measure(kind: str, args, root: Path, device: torch.device, num_classes: int) -> dict:
-    """data, step and e2e of one loop; each on its own, so no loader's workers run behind another measurement."""
+def make_loop(kind: str, args, device: torch.device, num_classes: int):
+    torch.set_num_threads(args.default_threads)  # the baseline runs with torch's defaults
+    torch.backends.cudnn.benchmark = False
     model, params = build(args.arch, num_classes, args.freeze_backbone, device, args.seed)
     if kind == "baseline":
         loop = BaselineLoop(model, params, device, args.lr)
     else:
         loop = OursLoop(model, params, device, args.lr, args)
-    out = {"settings": getattr(loop, "settings", {})}
-    loader = loop.loader(root, args.batch_size)
-    out["data"] = time_data(loader, args.warmup, args.seconds, args.min_batches)
-    batch = next(iter(loader))
-    del loader  # stops persistent workers
-    out["step"] = time_step(loop, batch, device, args.warmup, args.seconds, args.min_batches)
-    del batch
-    loader = loop.loader(root, args.batch_size)
-    out["e2e"] = time_e2e(loop, loader, device, args.warmup, args.seconds, args.min_batches)
-    del loader
-    print(f"[{kind}] " + ", ".join(f"{part} {out[part]['images_per_s']:.1f}" for part in ("data", "step", "e2e"))
-          + f" images/s; load {os.getloadavg()[0]:.2f}", flush=True)
+    # what the loop's setup chose (ours: fewer CPU threads, cudnn.benchmark), restored before each measurement
+    loop.threads, loop.cudnn_benchmark = torch.get_num_threads(), torch.backends.cudnn.benchmark
+    loop.settings = {**getattr(loop, "settings", {}), "torch_threads": loop.threads,
+                     "cudnn_benchmark": loop.cudnn_benchmark}
+    return loop
+
+
+def measure_round(kinds: list[str], args, root: Path, device: torch.device, num_classes: int) -> dict:
+    """data, step and e2e of each loop, interleaved (a burst of load elsewhere hits both
+    alike), each on its own: no loader's workers run behind another measurement."""
+    loops = {kind: make_loop(kind, args, device, num_classes) for kind in kinds}
+    out = {kind: {"settings": loop.settings} for kind, loop in loops.items()}
+
+    def activate(loop):
+        torch.set_num_threads(loop.threads)
+        torch.backends.cudnn.benchmark = loop.cudnn_benchmark
+
+    batches = {}
+    for kind, loop in loops.items():
+        activate(loop)
+        loader = loop.loader(root, args.batch_size)
+        out[kind]["data"] = time_data(loader, args.warmup, args.seconds, args.min_batches)
+        batches[kind] = next(iter(loader))
+        del loader  # stops persistent workers
+    for kind, loop in loops.items():
+        activate(loop)
+        out[kind]["step"] = time_step(loop, batches.pop(kind), device, args.warmup, args.seconds, args.min_batches)
+    for kind, loop in loops.items():
+        activate(loop)
+        loader = loop.loader(root, args.batch_size)
+        out[kind]["e2e"] = time_e2e(loop, loader, device, args.warmup, args.seconds, args.min_batches)
+        del loader
+    for kind in kinds:
+        print(f"[{kind}] " + ", ".join(f"{part} {out[kind][part]['images_per_s']:.1f}" for part in ("data", "step", "e2e"))
+              + " images/s", flush=True)
+    print(f"load average {os.getloadavg()[0]:.2f}", flush=True)
     return out
 
 
@@ -363,6 +396,11 @@ def gpu_reference(gpu_name: str) -> dict:
     return {"reference": None}
 
 
+def _describe(settings: dict) -> str:
+    return (f"{settings['num_workers']} loader workers, {settings['torch_threads']} torch threads, "
+            f"{'channels_last' if settings['channels_last'] else 'NCHW'}, {settings['amp'] or 'fp32'}")
+
+
 def markdown(result: dict) -> str:
     s = result["settings"]
     m = result["machine"]
@@ -373,6 +411,9 @@ def markdown(result: dict) -> str:
         f"before / {result['load_avg_after']} after; torch {m['torch']}, torchvision {m['torchvision']}, "
         f"Pillow {m['pillow']}. Images: {result['images']['count']} generated JPEGs, "
         f"mean {result['images']['mean_megapixels']} MP.",
+        "",
+        "Baseline: " + _describe(result["baseline"]["settings"]) + ". Ours: " + _describe(result["ours"]["settings"])
+        + f". Best of {s['rounds']} interleaved rounds of >= {s['seconds_per_measurement']:g} s per figure.",
         "",
         "| images/s | baseline (Udacity style) | ours | ours / baseline |",
         "|---|---:|---:|---:|",
@@ -407,10 +448,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="train the head only (the original project's recipe); default trains every layer")
     p.add_argument("--lr", type=float, default=0.001)
     p.add_argument("--classes", type=int, default=5)
-    p.add_argument("--per-class", type=int, default=None, help="images per class (default: 48 cpu, 400 cuda)")
+    p.add_argument("--per-class", type=int, default=None,
+                   help="images per class (default: 96 cpu; 1336 cuda, dogImages' 6,680 training images in all)")
     p.add_argument("--warmup", type=int, default=2, help="batches run before timing (each measurement)")
-    p.add_argument("--seconds", type=float, default=10.0, help="time each measurement at least this long")
-    p.add_argument("--rounds", type=int, default=2, help="interleaved rounds per loop; the best round counts")
+    p.add_argument("--seconds", type=float, default=5.0, help="time each measurement at least this long")
+    p.add_argument("--rounds", type=int, default=4, help="rounds; per figure, the best round counts")
     p.add_argument("--min-batches", type=int, default=3, help="... and over at least this many batches")
     p.add_argument("--only", choices=["baseline", "ours"], help="measure one loop only (no ratio, no results file)")
     p.add_argument("--seed", type=int, default=0)
@@ -425,19 +467,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     gpu = args.device == "cuda"
     args.arch = args.arch or ("resnet50" if gpu else "mobilenet_v3_small")
     args.batch_size = args.batch_size or (256 if gpu else 32)
-    args.per_class = args.per_class or (400 if gpu else 48)
+    args.per_class = args.per_class or (1336 if gpu else 96)
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    args.default_threads = torch.get_num_threads()
     if args.device == "cuda" and not torch.cuda.is_available():
         print("no CUDA device: torch.cuda.is_available() is False on this machine; "
               "run the CPU benchmark (--device cpu) or run this on a GPU host", file=sys.stderr)
         return 2
     device = torch.device(args.device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
     root = make_images(Path(args.cache_dir), args.classes, args.per_class, args.seed)
     load_before = [round(x, 2) for x in os.getloadavg()]
     result = {
@@ -446,16 +487,16 @@ def main(argv=None) -> int:
         "machine": machine_info(device),
         "settings": {"device": args.device, "arch": args.arch, "weights": "none", "batch_size": args.batch_size,
                      "crop": CROP, "freeze_backbone": args.freeze_backbone, "warmup_batches": args.warmup,
-                     "seconds_per_measurement": args.seconds, "optimizer": "Adam", "lr": args.lr},
+                     "seconds_per_measurement": args.seconds, "rounds": args.rounds, "lr": args.lr},
         "images": describe_images(root),
         "load_avg_before": load_before,
     }
     kinds = [k for k in ("baseline", "ours") if args.only in (None, k)]
     rounds = {k: [] for k in kinds}
-    for r in range(args.rounds):  # interleaved, so a burst of load elsewhere hits both loops alike
-        for kind in kinds:
-            print(f"round {r + 1}/{args.rounds}: {kind} ...", flush=True)
-            rounds[kind].append(measure(kind, args, root, device, args.classes))
+    for r in range(args.rounds):
+        print(f"round {r + 1}/{args.rounds} ...", flush=True)
+        for kind, measured in measure_round(kinds, args, root, device, args.classes).items():
+            rounds[kind].append(measured)
     for kind in kinds:
         result[kind] = best_of(rounds[kind])
     result["load_avg_after"] = [round(x, 2) for x in os.getloadavg()]
@@ -471,7 +512,7 @@ def main(argv=None) -> int:
                          "ours_data_wait_share": result["ours"]["e2e"]["data_wait_share"],
                          **gpu_reference(result["machine"]["gpu"])}
     out = Path(args.out)
-    stem = "train" if device.type == "cpu" else "train_gpu"
+    stem = "train" + ("_gpu" if device.type == "cuda" else "") + ("_frozen" if args.freeze_backbone else "")
     write_atomic(out / f"{stem}.json", json.dumps(result, indent=2) + "\n")
     write_atomic(out / f"{stem}.md", markdown(result))
     print(markdown(result))

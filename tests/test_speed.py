@@ -14,7 +14,6 @@ import pytest
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader
-from torchvision import transforms
 from torchvision.transforms import functional as F
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
@@ -22,7 +21,7 @@ sys.path.insert(0, str(SCRIPTS))  # train_lib imports its siblings as top-level 
 import train_lib  # noqa: E402
 
 from pipeline.sample_data import generate_dataset  # noqa: E402
-from scripts.modeling import IMAGENET_MEAN, IMAGENET_STD, build_model  # noqa: E402
+from scripts.modeling import build_model  # noqa: E402
 
 
 def _photo(path: Path, width: int, height: int, seed: int = 0) -> Path:
@@ -63,8 +62,8 @@ def test_train_crop_is_seeded_uint8_hwc(tmp_path):
 def test_device_normalisation_matches_to_tensor_normalize(tmp_path):
     path = _photo(tmp_path / "a.jpg", 300, 200)
     pixels = train_lib.EvalCrop(resize=80, crop=64)(path)
-    reference = transforms.Compose([transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-    expected = reference(Image.fromarray(pixels.numpy()))
+    # the float transform inference.py reproduces, on the same reduced decode
+    expected = train_lib.eval_transform(80, 64)(train_lib.load_image(path, 80))
     for channels_last in (False, True):
         ctx = train_lib.Context(device=torch.device("cpu"), dtype=None, channels_last=channels_last,
                                 d=train_lib.Dist(), callbacks=[])
