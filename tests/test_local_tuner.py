@@ -59,3 +59,18 @@ def test_early_stopping_stops_trials_behind_the_median(tmp_path):
     assert all(s["TunedHyperParameters"]["lr"] == "0.0001" for s in stopped)  # the worse setting
     assert props["TrainingJobStatusCounters"]["Stopped"] == len(stopped)
     assert props["BestTrainingJob"]["TunedHyperParameters"]["lr"] == "0.01"
+
+
+def test_a_trial_that_cannot_start_stops_the_tuning_job_with_its_reason(tmp_path):
+    store = LocalStore(tmp_path / "store")
+    put_toy_code_and_data(store)
+    d = toy_definition(max_jobs=4, parallel=1, cache=False)
+    d["Steps"] = d["Steps"][:1]
+    rec = execute(d, store=store, run_dir=tmp_path / "run", report=False, progress=lambda s: None,
+                  params=["TrainingData=s3://toy-bucket/nothing-here"])
+    tune = rec["Steps"]["Tune"]
+    assert rec["PipelineExecutionStatus"] == "Failed" and tune["StepStatus"] == "Failed"
+    assert "could not start: channel 'train': s3://toy-bucket/nothing-here is not in the local store" \
+        in tune["FailureReason"]
+    assert "no further trials were launched" in tune["FailureReason"]
+    assert len(list((tmp_path / "run").rglob("trials/*/"))) <= 1

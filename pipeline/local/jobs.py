@@ -219,7 +219,10 @@ def _link_channel(store: LocalStore, channel: dict, dest: Path) -> None:
     uri = src.get("S3Uri")
     if not name or not isinstance(uri, str):
         raise JobError(f"InputDataConfig channel {channel!r}: needs ChannelName and DataSource.S3DataSource.S3Uri")
-    path = store.path(uri)
+    try:
+        path = store.path(uri)
+    except ValueError as e:
+        raise JobError(f"channel {name!r}: {e}") from None
     if not path.exists():
         raise JobError(f"channel {name!r}: {uri} is not in the local store ({path}); "
                        "put the data there (run_pipeline.py --local --prepare-data, or --data PATH)")

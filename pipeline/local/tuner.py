@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import optuna
 
-from pipeline.local.jobs import TUNING_METRIC, arn, bar, now_iso, read_json, run_training_job, write_json
+from pipeline.local.jobs import TUNING_METRIC, JobError, arn, bar, now_iso, read_json, run_training_job, write_json
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -157,6 +157,7 @@ def run_tuning_job(
 
     lock = threading.Lock()
     abort = threading.Event()  # Ctrl-C / kill: stop running trials, record none of them
+    cannot_start: list[str] = []
     started = now_iso()
     t_start = time.monotonic()
     static = dict(tjd.get("StaticHyperParameters") or {})
@@ -167,6 +168,8 @@ def run_tuning_job(
         return f"{name[:32]}-{index:03d}-{digest}"
 
     def one(index: int) -> None:
+        if abort.is_set():
+            return
         with lock:
             trial = study.ask(dists)
         params = dict(trial.params)
@@ -209,7 +212,13 @@ def run_tuning_job(
         try:
             describe = run_job(job, job_request, store, step_dir / "trials" / job,
                                on_line=on_line, should_stop=should_stop)
-        except Exception as e:  # noqa: BLE001 - a trial that cannot start is a failed trial
+        except JobError as e:
+            # The sandbox could not be set up (a channel or the code missing from the store):
+            # every trial shares that request, so launching the others would only repeat it.
+            cannot_start.append(f"trial {index} ({job}) could not start: {e}")
+            abort.set()
+            return
+        except Exception as e:  # noqa: BLE001 - a trial that breaks is a failed trial
             describe = {"TrainingJobName": job, "TrainingJobArn": arn("training-job", job),
                         "TrainingJobStatus": "Failed", "FailureReason": f"{type(e).__name__}: {e}",
                         "CreationTime": now_iso(), "TrainingEndTime": now_iso(), "FinalMetricDataList": []}
@@ -248,6 +257,8 @@ def run_tuning_job(
             for f in futures:
                 f.cancel()
             raise
+    if cannot_start:
+        raise TuningError(f"{cannot_start[0]}; no further trials were launched")
 
     return describe_tuning_job(name, request, done, metric, direction, started, time.monotonic() - t_start)
 
