@@ -135,6 +135,9 @@ class Rule(_Strict):
 class Debugger(_Strict):
     enabled: bool = True                       # false for accounts without Debugger (closed 2026-07-30)
     rules: list[Rule] = []
+    # Steps between saved tensors, for the hook and every collection the rules ask for.
+    # AWS's built-in rules ask for 500; a run of a few dozen steps needs a few.
+    save_interval: int = Field(500, ge=1)
 
 
 class Profiler(_Strict):

@@ -16,7 +16,8 @@ _STEP_REF = re.compile(r"^Steps\.([^.\[]+)")
 
 STATUS_COLOURS = {
     "Succeeded": "#b7e1b0", "Failed": "#f4a6a6", "Executing": "#a8c8f0", "Starting": "#a8c8f0",
-    "Stopping": "#f6d58e", "Stopped": "#d9d9d9", "Skipped": "#eeeeee", "Cached": "#d4ecd0",
+    "Stopping": "#f6d58e", "Stopped": "#d9d9d9", "Skipped": "#eeeeee", "NotExecuted": "#f4f4f4",
+    "Cached": "#d4ecd0",
 }
 TYPE_COLOURS = {"Fail": "#fde2e2", "Condition": "#fff3c4"}
 DEFAULT_COLOUR = "#eef2f7"

@@ -51,8 +51,20 @@ class Debugger(train_lib.Callbacks):
         self.hook, self.modes = hook, modes
 
     def on_model(self, model, criterion) -> None:
+        if self._saves_regex_with("relu_input"):
+            # An in-place ReLU overwrites its input before smdebug's forward hook reads it:
+            # "relu_input" would hold the outputs (PoorWeightInitialization reads the inputs).
+            # Only then: it costs activation memory the tuning trials did not need.
+            for module in model.modules():
+                if isinstance(module, torch.nn.ReLU):
+                    module.inplace = False
         self.hook.register_module(model)
         self.hook.register_loss(criterion)
+
+    def _saves_regex_with(self, text: str) -> bool:
+        return any(any(text in regex for regex in coll.include_regex)
+                   for coll in self.hook.collection_manager.get_collections().values()
+                   if coll.name in self.hook.include_collections)
 
     def on_mode(self, mode: str) -> None:
         self.hook.set_mode(self.modes.TRAIN if mode == "train" else self.modes.EVAL)

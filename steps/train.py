@@ -5,7 +5,7 @@ final training run use, so the two jobs differ only where they must.
 """
 from __future__ import annotations
 
-from sagemaker.debugger import DebuggerHookConfig, ProfilerConfig, Rule, rule_configs
+from sagemaker.debugger import CollectionConfig, DebuggerHookConfig, ProfilerConfig, Rule, rule_configs
 from sagemaker.inputs import TrainingInput
 from sagemaker.pytorch import PyTorch
 from sagemaker.workflow.execution_variables import ExecutionVariables
@@ -63,13 +63,28 @@ def estimator(cfg, session, *, entry_point: str, code_uri: str, image_uri: str, 
     )
 
 
+def debugger_rule(rule, save_interval: int) -> Rule:
+    """A built-in rule with the tensor collections it needs (e.g. relu_input for
+    poor_weight_initialization), saved every `save_interval` steps instead of the
+    rule's own 500."""
+    base = getattr(rule_configs, rule.name)()
+    collections = []
+    for c in base.get("CollectionConfigurations", []):
+        params = dict(c.get("CollectionParameters") or {})
+        if "save_interval" in params:  # not save_steps (the XGBoost report's hyperparameters)
+            params["save_interval"] = str(save_interval)
+        collections.append(CollectionConfig(c["CollectionName"], params))
+    return Rule.sagemaker(base, rule_parameters=dict(rule.parameters) or None, collections_to_save=collections or None)
+
+
 def debugger_args(cfg) -> dict:
     """Rules, hook and profiler of the training job, or everything off."""
     args = {}
     if cfg.debugger.enabled and cfg.debugger.rules:
-        args["rules"] = [Rule.sagemaker(getattr(rule_configs, r.name)(), rule_parameters=dict(r.parameters) or None)
-                         for r in cfg.debugger.rules]
-        args["debugger_hook_config"] = DebuggerHookConfig(s3_output_path=f"{cfg.s3_root}/debug")
+        args["rules"] = [debugger_rule(r, cfg.debugger.save_interval) for r in cfg.debugger.rules]
+        # HookParameters: the cadence of collections no rule names (the losses Overfit reads)
+        args["debugger_hook_config"] = DebuggerHookConfig(
+            s3_output_path=f"{cfg.s3_root}/debug", hook_parameters={"save_interval": str(cfg.debugger.save_interval)})
     else:
         args["rules"] = []
         args["debugger_hook_config"] = False

@@ -48,6 +48,8 @@ def test_smoke_profile_is_small():
     assert cfg.tuning.max_jobs == 2 and cfg.tuning.max_parallel_jobs <= 2
     assert cfg.tuning.ranges["epochs"].max <= 4
     assert cfg.debugger.enabled and cfg.debugger.rules and cfg.profiler.enabled
+    assert cfg.debugger.save_interval <= 5      # the rules see more than step 0 of ~24
+    assert load_config(ROOT / "pipeline.yaml").debugger.save_interval == 500  # what AWS's rules ask for
     assert cfg.gate.threshold <= 0.5
 
 
@@ -110,6 +112,7 @@ BAD = [
     ("gate.threshold", _DELETE, "gate.threshold: required field is missing"),
     ("gate.metric", "accuracy", "gate.metric: one of ["),
     ("debugger.rules.0.name", "vanishing_gradients", "debugger.rules.0.name: a built-in Debugger rule, one of ["),
+    ("debugger.save_interval", 0, "debugger.save_interval: Input should be greater than or equal to 1"),
     ("profiler.interval_ms", 300, "profiler.interval_ms: Input should be 100, 200, 500, 1000, 5000 or 60000"),
     ("registry.approval_status", "Approve", "registry.approval_status: Input should be 'PendingManualApproval', 'Approved' or 'Rejected'"),
     ("registry.model_package_group", "dog_breed", "registry.model_package_group: letters, digits and single hyphens"),
@@ -148,3 +151,15 @@ def test_unreadable_and_malformed_files(tmp_path):
     bad.write_text("- just\n- a list\n")
     with pytest.raises(ConfigError, match="bad.yaml: expected a mapping of sections"):
         load_config(bad)
+
+
+def test_debugger_save_interval_reaches_the_hook_and_every_rule_collection():
+    from steps.train import debugger_args
+    cfg = load_config(ROOT / "pipeline.yaml")
+    cfg = cfg.model_copy(update={"debugger": cfg.debugger.model_copy(update={"save_interval": 3})})
+    args = debugger_args(cfg)
+    assert args["debugger_hook_config"].hook_parameters == {"save_interval": "3"}
+    collections = {c.name: c.parameters for r in args["rules"] for c in r.collection_configs}
+    # poor_weight_initialization brings relu_input with it, as rule_configs defines it
+    assert collections == {"gradients": {"save_interval": "3"}, "losses": {"save_interval": "3"},
+                           "relu_input": {"include_regex": ".*relu_input", "save_interval": "3"}}
