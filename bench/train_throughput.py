@@ -368,8 +368,8 @@ def measure_round(kinds: list[str], args, root: Path, device: torch.device, num_
         out[kind]["e2e"] = time_e2e(loop, loader, device, args.warmup, args.seconds, args.min_batches)
         del loader
     for kind in kinds:
-        print(f"[{kind}] " + ", ".join(f"{part} {out[kind][part]['images_per_s']:.1f}" for part in ("data", "step", "e2e"))
-              + " images/s", flush=True)
+        figures = ", ".join(f"{part} {out[kind][part]['images_per_s']:.1f}" for part in ("data", "step", "e2e"))
+        print(f"[{kind}] {figures} images/s", flush=True)
     print(f"load average {os.getloadavg()[0]:.2f}", flush=True)
     return out
 
@@ -418,7 +418,8 @@ def markdown(result: dict) -> str:
         "| images/s | baseline (Udacity style) | ours | ours / baseline |",
         "|---|---:|---:|---:|",
     ]
-    for part, label in (("e2e", "end to end (data + step)"), ("data", "data loading alone"), ("step", "training step alone")):
+    for part, label in (("e2e", "end to end (data + step)"), ("data", "data loading alone"),
+                        ("step", "training step alone")):
         b, o = result["baseline"][part]["images_per_s"], result["ours"][part]["images_per_s"]
         lines.append(f"| {label} | {b:.1f} | {o:.1f} | {o / b:.2f}x |")
     b, o = result["baseline"]["e2e"]["data_wait_share"], result["ours"]["e2e"]["data_wait_share"]
@@ -460,7 +461,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="where the generated JPEGs are kept between runs")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"), help="results directory")
     # Ours' knobs: passed to train_lib as the training script would.
-    p.add_argument("--workers", type=int, default=None, help="ours: --num-workers (default: train_lib's, from CPU count)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="ours: --num-workers (default: train_lib's, from the CPU count)")
     p.add_argument("--ours-flags", nargs=argparse.REMAINDER, default=[],
                    help="ours: further train_lib flags, last on the line (e.g. --ours-flags --compile true)")
     args = p.parse_args(argv)

@@ -136,7 +136,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     add("--momentum", type=_float, default=0.9)
     add("--patience", type=_int, default=3, help="early stopping on validation loss; 0 = off")
     add("--seed", type=_int, default=42)
-    add("--num-workers", type=_int, default=None, help="DataLoader workers per process (default: from CPU count; fewer on a CPU-only host)")
+    add("--num-workers", type=_int, default=None,
+        help="DataLoader workers per process (default: from the CPU count; fewer when training on the CPU)")
     add("--threads", type=_int, default=None,
         help="CPU training: torch threads (default: the cores the workers leave, unless OMP_NUM_THREADS is set)")
     add("--prefetch-factor", type=_int, default=4, help="batches each worker prepares ahead")

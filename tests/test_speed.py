@@ -6,6 +6,9 @@ straightforward computation it replaces.
 """
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -117,3 +120,42 @@ def test_cache_features_trains_end_to_end(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.count("cached backbone features: train (24, 1024)") == 1, out  # once, for the head-only epoch
     assert (tmp_path / "model" / "model.pth").is_file()
+
+
+def test_cpu_threads_leave_the_workers_their_cores(monkeypatch):
+    before = torch.get_num_threads()
+    cpu = torch.device("cpu")
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        args = train_lib.parse_args(["--data-dir", "x"])
+        train_lib.set_cpu_threads(args, cpu, workers=1)
+        assert torch.get_num_threads() == max(1, train_lib.cpus_per_process() - 1)
+        train_lib.set_cpu_threads(train_lib.parse_args(["--data-dir", "x", "--threads", "3"]), cpu, workers=1)
+        assert torch.get_num_threads() == 3
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the user's choice stands
+        torch.set_num_threads(2)
+        train_lib.set_cpu_threads(args, cpu, workers=1)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert train_lib.default_num_workers("cpu") >= 1
+
+
+def test_benchmark_runs_and_writes_its_figures(tmp_path):
+    """bench/train_throughput.py end to end on a handful of images (figures not checked: no timing)."""
+    bench = Path(__file__).resolve().parents[1] / "bench" / "train_throughput.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(bench), "--classes", "2", "--per-class", "3", "--batch-size", "2", "--seconds", "0",
+           "--rounds", "1", "--min-batches", "1", "--warmup", "0", "--cache-dir", str(tmp_path / "cache"),
+           "--out", str(tmp_path / "out")]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "out" / "train.json").read_text())
+    assert set(result["ratio"]) == {"data", "step", "e2e"}
+    assert result["baseline"]["settings"]["num_workers"] == 0
+    assert result["ours"]["settings"]["channels_last"] is True
+    assert result["images"]["count"] == 6
+    assert "| end to end (data + step) |" in (tmp_path / "out" / "train.md").read_text()
+    if not torch.cuda.is_available():
+        done = subprocess.run([*cmd, "--device", "cuda"], env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 2 and "no CUDA device" in done.stderr
