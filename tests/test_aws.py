@@ -352,8 +352,6 @@ def test_cleanup_without_credentials(aws_env, monkeypatch, capsys):
 # ---------------------------------------------------------------- the real CLI, config and definition
 
 ROOT = Path(__file__).resolve().parents[1]
-needs_definition = pytest.mark.skipif(not (ROOT / "pipeline" / "definition.py").exists(),
-                                      reason="pipeline/definition.py not merged yet")
 
 
 def _deploy_steps(definition: dict) -> list[dict]:
@@ -366,7 +364,6 @@ def _deploy_steps(definition: dict) -> list[dict]:
     return steps
 
 
-@needs_definition
 def test_cli_execute_wait_with_the_real_definition(account, tmp_path):
     import run_pipeline
     out_json = tmp_path / "definition.json"
@@ -387,7 +384,6 @@ def test_cli_execute_wait_with_the_real_definition(account, tmp_path):
         boto3.client("s3").head_object(Bucket=BUCKET, Key=uri[len(f"s3://{BUCKET}/"):])
 
 
-@needs_definition
 def test_definition_tags_what_cleanup_deletes():
     """The contract with pipeline/definition.py: Model, EndpointConfig and Endpoint steps carry
     aws.PIPELINE_TAG = the pipeline name, which --cleanup looks for."""

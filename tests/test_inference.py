@@ -12,7 +12,7 @@ from PIL import Image
 
 from tests._serve_helpers import CLASSES, LABELS, ROOT, b64_batch, image_bytes, make_model_dir, png_header_only
 
-transformer_mod = pytest.importorskip("sagemaker_inference.transformer")
+from sagemaker_inference import transformer as transformer_mod
 
 
 class _Request:
