@@ -43,7 +43,6 @@ from pathlib import Path
 
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
-from torchvision import transforms
 
 IMAGE_TYPES = ("image/jpeg", "image/png", "application/x-image")
 JSON_TYPE = "application/json"
@@ -53,7 +52,7 @@ TOP_K = 5
 # hold gigapixels of one colour). 40 MP = four 10-megapixel photos.
 MAX_PIXELS = int(os.environ.get("INFERENCE_MAX_PIXELS", 40_000_000))
 MAX_INSTANCES = int(os.environ.get("INFERENCE_MAX_INSTANCES", 64))
-# Training's loader (train_lib.load_image) decodes JPEGs at a reduced DCT scale
+# Training's loader decodes JPEGs at a reduced DCT scale (modeling.reduced_decode)
 # while both sides stay >= the resize size; serving must see the same pixels.
 # model_fn sets it: the toolkit and our server call model_fn before any input_fn.
 _decode = {"min_size": None}
@@ -98,24 +97,15 @@ def _load_modeling():
 modeling = _load_modeling()
 
 
-def eval_transform(meta: dict) -> transforms.Compose:
-    """Training's evaluation transform (train_lib.eval_transform, which is not shipped
-    in code/): resize the short side, centre crop, normalise."""
-    return transforms.Compose([
-        transforms.Resize(int(meta["resize_size"]), interpolation=transforms.InterpolationMode.BILINEAR, antialias=True),
-        transforms.CenterCrop(int(meta["image_size"])),
-        transforms.ToTensor(),
-        transforms.Normalize(meta.get("mean", modeling.IMAGENET_MEAN), meta.get("std", modeling.IMAGENET_STD)),
-    ])
-
-
 def model_fn(model_dir: str) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     net, meta = modeling.load_model(model_dir, device=device)
     net = net.to(memory_format=torch.channels_last).eval()
     labels = list(meta.get("labels") or [modeling.breed_label(c) for c in meta["classes"]])
     _decode["min_size"] = int(meta["resize_size"])
-    return {"net": net, "meta": meta, "labels": labels, "transform": eval_transform(meta), "device": device}
+    return {"net": net, "meta": meta, "labels": labels, "transform": modeling.eval_transform(
+        int(meta["resize_size"]), int(meta["image_size"]), meta.get("mean", modeling.IMAGENET_MEAN),
+        meta.get("std", modeling.IMAGENET_STD)), "device": device}
 
 
 def _media_type(header: str | None) -> str:
@@ -131,9 +121,7 @@ def _decode_image(raw: bytes, what: str, pixel_budget: int) -> Image.Image:
         if width * height > pixel_budget:
             raise InferenceError(413, f"{what} is {width}x{height} pixels: over the limit of {MAX_PIXELS} "
                                       f"pixels per request (INFERENCE_MAX_PIXELS); send a smaller image")
-        if _decode["min_size"] and image.format == "JPEG":
-            image.draft("RGB", (_decode["min_size"], _decode["min_size"]))
-        image = ImageOps.exif_transpose(image)
+        image = ImageOps.exif_transpose(modeling.reduced_decode(image, _decode["min_size"]))
         image.load()  # decodes: a truncated file fails here
     except InferenceError:
         raise

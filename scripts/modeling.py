@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 import torchvision
+from torchvision import transforms
 
 # ImageNet statistics: what every torchvision classification weight was trained with.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -120,6 +121,27 @@ def eval_geometry(arch: str, weights: str, image_size: int | None = None, resize
     if resize_size:
         resize = resize_size
     return resize, crop
+
+
+def reduced_decode(image, min_size: int | None):
+    """Have a just-opened JPEG decode at the smallest DCT scale (1/2, 1/4, 1/8) at which
+    both sides stay >= min_size: much faster on big photos, and the resize that follows
+    loses nothing. Other formats are left as they are. Training and serving both call it,
+    so they see the same pixels."""
+    if min_size and image.format == "JPEG":
+        image.draft("RGB", (min_size, min_size))
+    return image
+
+
+def eval_pixels(resize: int, crop: int) -> transforms.Compose:
+    """Evaluation geometry: shorter side to `resize`, centre crop `crop`."""
+    return transforms.Compose([transforms.Resize(resize, antialias=True), transforms.CenterCrop(crop)])
+
+
+def eval_transform(resize: int, crop: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> transforms.Compose:
+    """Evaluation preprocessing of a loaded RGB image into a normalised float tensor."""
+    return transforms.Compose([*eval_pixels(resize, crop).transforms, transforms.ToTensor(),
+                               transforms.Normalize(mean, std)])
 
 
 def write_model_meta(model_dir: str | os.PathLike, meta: dict) -> Path:

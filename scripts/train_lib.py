@@ -31,9 +31,6 @@ from torchvision import transforms
 import metrics
 import modeling
 
-# dogImages holds one truncated JPEG (train/098.Leonberger/Leonberger_06571.jpg).
-ImageFile.LOAD_TRUNCATED_IMAGES = True
-
 SCRIPTS_DIR = Path(__file__).resolve().parent
 SPLITS = ("train", "valid", "test")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -116,9 +113,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         names = [flag]
         if "-" in flag[2:]:  # accept --batch_size as well as --batch-size
             names.append("--" + flag[2:].replace("-", "_"))
-        p.add_argument(*names, **kw)
+        group.add_argument(*names, **kw)  # the group opened last, for --help
 
-    hp = p.add_argument_group("hyperparameters")
+    group = p.add_argument_group("hyperparameters")
     add("--lr", type=_float, default=0.01, help="peak learning rate (SGD momentum 0.9)")
     add("--batch-size", type=_int, default=64, help="training batch size per process")
     add("--test-batch-size", type=_int, default=256, help="evaluation batch size per process")
@@ -151,7 +148,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     add("--max-steps-per-epoch", type=_int, default=0, help="cap training steps per epoch; 0 = all")
     add("--log-interval", type=_float, default=60.0, help="seconds between progress lines within an epoch")
 
-    paths = p.add_argument_group("paths (default: SageMaker's environment)")
+    group = p.add_argument_group("paths (default: SageMaker's environment)")
     add("--data-dir", type=_str, default=_env("SM_CHANNEL_TRAINING"), help="holds train/ valid/ test/")
     add("--train", type=_str, default=_env("SM_CHANNEL_TRAIN"))
     add("--valid", type=_str, default=_env("SM_CHANNEL_VALID", "SM_CHANNEL_VALIDATION"))
@@ -306,13 +303,20 @@ def scan_dataset(dirs: dict[str, Path]) -> tuple[list[str], dict[str, list[tuple
     return classes, samples
 
 
+def open_image(path: Path) -> Image.Image:
+    """Open a training image, tolerating truncated JPEGs (dogImages holds one:
+    train/098.Leonberger/Leonberger_06571.jpg). PIL's switch is process-wide, so it is
+    set here, where training data is read (also in spawned loader workers), and not at
+    import: a process that imports this module to serve must keep refusing truncated uploads."""
+    ImageFile.LOAD_TRUNCATED_IMAGES = True
+    return Image.open(path)
+
+
 def load_image(path: Path, min_size: int | None = None) -> Image.Image:
     """RGB image; a JPEG is decoded at a reduced scale (DCT scaling, much faster)
     when both sides stay >= min_size, so the resize that follows loses nothing."""
-    with Image.open(path) as img:
-        if min_size and img.format == "JPEG":
-            img.draft("RGB", (min_size, min_size))
-        return img.convert("RGB")
+    with open_image(path) as img:
+        return modeling.reduced_decode(img, min_size).convert("RGB")
 
 
 def decode_crop(img: Image.Image, box: tuple[int, int, int, int], size: int) -> Image.Image:
@@ -347,7 +351,7 @@ class TrainCrop:
         self.size, self.scale, self.ratio, self.flip = size, scale, ratio, flip
 
     def __call__(self, path: Path) -> torch.Tensor:
-        with Image.open(path) as img:
+        with open_image(path) as img:
             box = transforms.RandomResizedCrop.get_params(img, list(self.scale), list(self.ratio))
             out = decode_crop(img, box, self.size)
         if torch.rand(1).item() < self.flip:
@@ -355,23 +359,12 @@ class TrainCrop:
         return to_uint8_hwc(out)
 
 
-def eval_pixels(resize: int, crop: int) -> transforms.Compose:
-    return transforms.Compose([transforms.Resize(resize, antialias=True), transforms.CenterCrop(crop)])
-
-
-def eval_transform(resize: int, crop: int, mean=modeling.IMAGENET_MEAN, std=modeling.IMAGENET_STD):
-    """Evaluation preprocessing as one float transform of a loaded image: what inference.py
-    reproduces. The loader runs its pixel part (EvalCrop) and normalises batches on the device."""
-    return transforms.Compose([*eval_pixels(resize, crop).transforms, transforms.ToTensor(),
-                               transforms.Normalize(mean, std)])
-
-
 class EvalCrop:
     """Resize (shorter side) + CenterCrop of load_image's reduced decode; uint8 HWC."""
 
     def __init__(self, resize: int, crop: int):
         self.resize = resize
-        self.pil = eval_pixels(resize, crop)
+        self.pil = modeling.eval_pixels(resize, crop)
 
     def __call__(self, path: Path) -> torch.Tensor:
         return to_uint8_hwc(self.pil(load_image(path, self.resize)))

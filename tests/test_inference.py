@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from scripts import modeling
 from tests._serve_helpers import CLASSES, LABELS, ROOT, b64_batch, image_bytes, make_model_dir, png_header_only
 
 from sagemaker_inference import transformer as transformer_mod
@@ -234,6 +235,6 @@ def test_preprocessing_matches_training_eval(handlers, model_dir, tmp_path, trai
         (served,) = handlers.input_fn(path.read_bytes(), "image/jpeg")["images"]
         trained = train_lib.load_image(path, meta["resize_size"])
         assert served.size == trained.size and served.tobytes() == trained.tobytes()
-        expected = train_lib.eval_transform(meta["resize_size"], meta["image_size"], meta["mean"], meta["std"])(trained)
+        expected = modeling.eval_transform(meta["resize_size"], meta["image_size"], meta["mean"], meta["std"])(trained)
         assert torch.equal(model["transform"](served), expected)
     assert served.size == (90, 70) and trained.size == (90, 70)

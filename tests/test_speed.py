@@ -66,7 +66,7 @@ def test_device_normalisation_matches_to_tensor_normalize(tmp_path):
     path = _photo(tmp_path / "a.jpg", 300, 200)
     pixels = train_lib.EvalCrop(resize=80, crop=64)(path)
     # the float transform inference.py reproduces, on the same reduced decode
-    expected = train_lib.eval_transform(80, 64)(train_lib.load_image(path, 80))
+    expected = train_lib.modeling.eval_transform(80, 64)(train_lib.load_image(path, 80))
     for channels_last in (False, True):
         ctx = train_lib.Context(device=torch.device("cpu"), dtype=None, channels_last=channels_last,
                                 d=train_lib.Dist(), callbacks=[])
