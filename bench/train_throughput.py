@@ -24,7 +24,6 @@ import math
 import multiprocessing
 import os
 import platform
-import shutil
 import sys
 import tempfile
 import time
@@ -41,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))  # train_lib imports its siblings (modeling, metrics) as top-level modules
 
+from pipeline.files import atomic_dir  # noqa: E402
 from pipeline.sample_data import DOG_BREEDS, DOG_CLASS_DIRS  # noqa: E402
 from scripts.modeling import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 
@@ -85,10 +85,8 @@ def make_images(cache_dir: Path, num_classes: int, per_class: int, seed: int = 0
     root = cache_dir / name
     if (root / "train").is_dir():
         return root
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=cache_dir))
     print(f"generating {num_classes * per_class} JPEGs into {root} (once) ...", flush=True)
-    try:
+    with atomic_dir(root) as tmp:
         jobs = []
         for c in range(num_classes):
             class_dir = tmp / "train" / DOG_CLASS_DIRS[c]
@@ -96,10 +94,6 @@ def make_images(cache_dir: Path, num_classes: int, per_class: int, seed: int = 0
             jobs += [(class_dir / f"{DOG_BREEDS[c]}_{i:05d}.jpg", c, i, seed) for i in range(per_class)]
         with multiprocessing.get_context("spawn").Pool(os.cpu_count()) as pool:
             pool.map(_write_photo, jobs, chunksize=8)
-        os.replace(tmp, root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return root
 
 

@@ -15,7 +15,6 @@ import re
 import sys
 import types
 import typing
-from pathlib import Path
 
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo

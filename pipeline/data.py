@@ -16,7 +16,6 @@ import re
 import shutil
 import stat
 import sys
-import tempfile
 import threading
 import time
 import urllib.error
@@ -25,7 +24,7 @@ import zipfile
 from pathlib import Path, PurePosixPath
 from typing import TextIO
 
-from pipeline.files import atomic_write
+from pipeline.files import atomic_dir, atomic_write
 from pipeline.local.store import split_s3_uri
 from pipeline.sample_data import DOG_CLASS_DIRS, DOG_SPLIT_SIZES, SPLITS
 
@@ -201,8 +200,7 @@ def safe_extract(zip_path: Path, dest: Path, out: TextIO = sys.stdout) -> Path:
         free = shutil.disk_usage(dest.parent).free
         if need > free:
             raise DataError(f"extracting {zip_path} needs {need / 1e9:.1f} GB, {dest.parent} has {free / 1e9:.1f} GB free")
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-        try:
+        with atomic_dir(dest) as tmp:
             bar = _Progress(f"extracting {zip_path.name}", len(members), unit="files", scale=1, out=out)
             for info in members:
                 target = (tmp / info.filename).resolve()
@@ -216,12 +214,6 @@ def safe_extract(zip_path: Path, dest: Path, out: TextIO = sys.stdout) -> Path:
                         shutil.copyfileobj(src, dst, CHUNK)
                 bar.update(1)
             bar.close()
-            if dest.exists():
-                shutil.rmtree(dest)
-            os.replace(tmp, dest)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     return dest
 
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from pipeline.files import atomic_dir
 
 # The 133 class folders of Udacity's dogImages.zip, in order.
 DOG_BREEDS = """Affenpinscher Afghan_hound Airedale_terrier Akita Alaskan_malamute American_eskimo_dog
@@ -79,11 +79,9 @@ def generate_dataset(root: str | os.PathLike, num_classes: int = 4,
     if not 2 <= num_classes <= len(DOG_CLASS_DIRS):
         raise ValueError(f"num_classes must be in 2..{len(DOG_CLASS_DIRS)}, got {num_classes}")
     root = Path(root)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
     rng = np.random.default_rng(seed)
     serial = 0
-    try:
+    with atomic_dir(root) as tmp:
         for split, count in zip(SPLITS, per_class):
             for index in range(num_classes):
                 class_dir = tmp / split / DOG_CLASS_DIRS[index]
@@ -92,10 +90,4 @@ def generate_dataset(root: str | os.PathLike, num_classes: int = 4,
                     serial += 1
                     image = _draw(rng, index, num_classes, size)
                     image.save(class_dir / f"{DOG_BREEDS[index]}_{serial:05d}.jpg", quality=90)
-        if root.exists():
-            shutil.rmtree(root)
-        os.replace(tmp, root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return root

@@ -27,3 +27,19 @@ def test_a_failed_writer_leaves_the_old_file_and_no_temporary(tmp_path):
             raise RuntimeError("writer died")
     assert target.read_text() == "intact"
     assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
+
+
+def test_atomic_dir_replaces_a_whole_tree_or_leaves_it(tmp_path):
+    from pipeline.files import atomic_dir
+    target = tmp_path / "tree"
+    with atomic_dir(target) as tmp:
+        (tmp / "a").write_text("1")
+    with pytest.raises(RuntimeError):
+        with atomic_dir(target) as tmp:
+            (tmp / "b").write_text("2")
+            raise RuntimeError("generator died")
+    assert sorted(p.name for p in target.iterdir()) == ["a"]
+    with atomic_dir(target) as tmp:
+        (tmp / "c").write_text("3")
+    assert sorted(p.name for p in target.iterdir()) == ["c"]
+    assert [p.name for p in tmp_path.iterdir()] == ["tree"]

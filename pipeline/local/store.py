@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path, PurePosixPath
 
-from pipeline.files import atomic_path, atomic_write
+from pipeline.files import atomic_dir, atomic_path, atomic_write
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_ROOT = REPO_ROOT / "runs" / "s3"
@@ -52,10 +51,6 @@ class LocalStore:
     def put_dir(self, uri: str, source: str | os.PathLike) -> Path:
         """Copy a directory tree under `uri` (a prefix), replacing what was there."""
         dest = self.path(uri.rstrip("/"))
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-        shutil.copytree(source, tmp, dirs_exist_ok=True)
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
+        with atomic_dir(dest) as tmp:
+            shutil.copytree(source, tmp, dirs_exist_ok=True)
         return dest
