@@ -51,10 +51,6 @@ class Data(_Strict):
     strict: bool = True
     cache_dir: str | None = None
 
-    @property
-    def s3_uri(self) -> str:
-        return self.uri
-
 
 # --- compute ------------------------------------------------------------------
 
@@ -214,23 +210,6 @@ class Config(_Strict):
     def resource_tags(self) -> list[dict[str, str]]:
         """Tags for everything the pipeline creates; PIPELINE_TAG is how --cleanup finds them."""
         return [{"Key": k, "Value": v} for k, v in {**self.tags, PIPELINE_TAG: self.pipeline.name}.items()]
-
-    # Flat names for the AWS and data modules.
-    @property
-    def pipeline_name(self) -> str:
-        return self.pipeline.name
-
-    @property
-    def region(self) -> str:
-        return self.aws.region
-
-    @property
-    def role_arn(self) -> str:
-        return self.aws.role
-
-    @property
-    def bucket(self) -> str:
-        return self.aws.bucket
 
     @property
     def s3_root(self) -> str:

@@ -9,14 +9,14 @@ import signal
 import subprocess
 import sys
 import time
-import types
 from pathlib import Path
 
 import pytest
 
+from pipeline.config import load_config
 from pipeline.local.executor import DefinitionError, execute, run_local
 from pipeline.local.jobs import read_json
-from pipeline.local.store import LocalStore
+from pipeline.local.store import REPO_ROOT, LocalStore
 from tests._local_helpers import put_toy_code_and_data, read_eval, toy_definition, trial_dirs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,7 +97,7 @@ def test_failing_branch_ends_failed_with_the_fail_step_message(first, store, mon
     definition = tmp_path / "def.json"
     definition.write_text(json.dumps(toy_definition()))
     monkeypatch.setenv("DOGBREED_LOCAL_STORE", str(store.root))
-    cfg = types.SimpleNamespace(name="toy", data=None)
+    cfg = load_config(REPO_ROOT / "pipeline.yaml")  # no sample block: nothing is generated
     code = run_local(cfg, definition_file=str(definition), params=["AccuracyThreshold=1.01"],
                      run_dir=str(tmp_path / "run"))
     assert code == 1

@@ -22,7 +22,6 @@ import json
 import os
 import re
 import secrets
-import shutil
 import signal
 import sys
 import tarfile
@@ -603,31 +602,18 @@ def _retry_wait(policies: list[dict], kind: str | None, attempt: int) -> float |
 def _ensure_data(cfg, store: LocalStore, data: str | None) -> None:
     """--data PATH puts a dataset folder at the data URI; else a config `sample` block
     generates the small dataset there (once)."""
-    data_cfg = getattr(cfg, "data", None)
-    uri = getattr(data_cfg, "uri", None) or getattr(data_cfg, "s3_uri", None) or \
-        (data_cfg if isinstance(data_cfg, str) else None)
+    uri, sample = cfg.data.uri, cfg.data.sample
     if data:
-        if not uri:
-            raise DefinitionError("--data given but the config has no data URI")
         from pipeline.data import DataError, prepare_dataset
         try:  # a folder or a zip, checked for the train/valid/test layout; any number of classes
             prepare_dataset(uri, data, store=store, strict=False)
         except DataError as e:
             raise DefinitionError(str(e)) from None
-        return
-    sample = getattr(data_cfg, "sample", None)
-    if uri and sample and not store.exists(uri):
+    elif sample and not store.exists(uri):
         from pipeline.sample_data import generate_dataset
-        fields = sample if isinstance(sample, dict) else (
-            sample.model_dump() if hasattr(sample, "model_dump") else vars(sample))
-        print(f"generating the sample dataset at {uri} ({fields}) ...")
-        tmp = store.path(uri).with_name(store.path(uri).name + ".generating")
-        shutil.rmtree(tmp, ignore_errors=True)
-        generate_dataset(tmp, num_classes=fields.get("num_classes", 4),
-                         per_class=tuple(fields.get("per_class", (24, 6, 6))),
-                         size=fields.get("image_size", 64), seed=fields.get("seed", 0))
-        store.put_dir(uri, tmp)
-        shutil.rmtree(tmp, ignore_errors=True)
+        print(f"generating the sample dataset at {uri} ({sample.model_dump()}) ...")
+        generate_dataset(store.path(uri), num_classes=sample.num_classes, per_class=tuple(sample.per_class),
+                         size=sample.image_size, seed=sample.seed)
 
 
 def execute(definition: str | dict, *, store: LocalStore, run_dir: str | Path, params=None,
@@ -722,7 +708,7 @@ def _main_thread() -> bool:
 
 def run_local(cfg, definition_file=None, params=(), run_dir=None, data=None, keep_endpoint=False) -> int:
     store = LocalStore()
-    name = getattr(getattr(cfg, "pipeline", None), "name", None) or getattr(cfg, "name", None) or "pipeline"
+    name = cfg.pipeline.name
     run_dir = Path(run_dir) if run_dir else REPO_ROOT / "runs" / name
     try:
         _ensure_data(cfg, store, data)
