@@ -304,7 +304,6 @@ def test_folder_source_strict_rejects_tiny(tiny, tmp_path):
         data.prepare_dataset("s3://b/d", source=tmp_path / "nope", store=LocalStore(tmp_path), out=io.StringIO())
 
 
-@pytest.mark.skipif(not (ROOT / "pipeline" / "config.py").exists(), reason="pipeline/config.py not merged yet")
 def test_cli_prepare_data_local_with_the_real_config(full_layout, tmp_path, monkeypatch):
     import run_pipeline
     from pipeline.config import load_config
