@@ -19,6 +19,7 @@ once into a cache directory (--cache-dir), never into the repository.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import multiprocessing
@@ -238,39 +239,23 @@ def time_data(loader, warmup: int, seconds: float, min_batches: int) -> dict:
     return {"images_per_s": images / elapsed, "images": images, "seconds": elapsed}
 
 
-def time_step(loop, batch, device: torch.device, warmup: int, seconds: float, min_batches: int) -> dict:
+def _time_batches(loop, batches, device: torch.device, warmup: int, seconds: float, min_batches: int) -> dict:
+    """Steps over `batches` (an iterator) after `warmup` untimed ones; images/s and the
+    share of wall time spent waiting in next()."""
     for _ in range(warmup):
-        loop.step(batch)
+        loop.step(next(batches))
     loop.finish()
     _sync(device)
-    images = batches = 0
-    start = time.perf_counter()
-    while batches < min_batches or time.perf_counter() - start < seconds:
-        loop.step(batch)
-        images += _batch_size(batch)
-        batches += 1
-    loop.finish()
-    _sync(device)
-    elapsed = time.perf_counter() - start
-    return {"images_per_s": images / elapsed, "images": images, "seconds": elapsed}
-
-
-def time_e2e(loop, loader, device: torch.device, warmup: int, seconds: float, min_batches: int) -> dict:
-    it = _batches(loader)
-    for _ in range(warmup):
-        loop.step(next(it))
-    loop.finish()
-    _sync(device)
-    images = batches = 0
+    images = count = 0
     wait = 0.0
     start = time.perf_counter()
-    while batches < min_batches or time.perf_counter() - start < seconds:
+    while count < min_batches or time.perf_counter() - start < seconds:
         t0 = time.perf_counter()
-        batch = next(it)
+        batch = next(batches)
         wait += time.perf_counter() - t0
         loop.step(batch)
         images += _batch_size(batch)
-        batches += 1
+        count += 1
     loop.finish()
     _sync(device)
     elapsed = time.perf_counter() - start
@@ -278,6 +263,18 @@ def time_e2e(loop, loader, device: torch.device, warmup: int, seconds: float, mi
     # the share of wall time the GPU could have been fed but was not.
     return {"images_per_s": images / elapsed, "images": images, "seconds": elapsed,
             "data_wait_share": wait / elapsed}
+
+
+def time_step(loop, batch, device: torch.device, warmup: int, seconds: float, min_batches: int) -> dict:
+    """The step alone: one pre-made batch, over and over."""
+    result = _time_batches(loop, itertools.repeat(batch), device, warmup, seconds, min_batches)
+    del result["data_wait_share"]
+    return result
+
+
+def time_e2e(loop, loader, device: torch.device, warmup: int, seconds: float, min_batches: int) -> dict:
+    """Data + step: batches from the loader, as training sees them."""
+    return _time_batches(loop, _batches(loader), device, warmup, seconds, min_batches)
 
 
 # ---------------------------------------------------------------------------- run

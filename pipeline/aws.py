@@ -405,6 +405,12 @@ def _refused(e: ClientError) -> str:
     return f"AWS refused {e.operation_name}: {_code(e)}: {e.response['Error'].get('Message', '')}"
 
 
+def _setup_failed(e: AwsSetupError | ClientError) -> int:
+    """One line on stderr for a check or a call that AWS refused; exit code 2."""
+    print(f"error: {_refused(e) if isinstance(e, ClientError) else e}", file=sys.stderr)
+    return 2
+
+
 def execute(cfg, definition: str, params: list[str], wait: bool, display_name: str | None,
             uploads: dict[str, bytes] | None = None, out: TextIO = sys.stdout,
             sleep: Callable[[float], None] = time.sleep) -> int:
@@ -422,12 +428,8 @@ def execute(cfg, definition: str, params: list[str], wait: bool, display_name: s
                                        description=cfg.pipeline.description, bucket=bucket, s3=s3)
         print(f"{'created' if created else 'updated'} pipeline {arn}", file=out)
         exec_arn = start_execution(sm, name, parameters, display, ci_description())
-    except AwsSetupError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except ClientError as e:
-        print(f"error: {_refused(e)}", file=sys.stderr)
-        return 2
+    except (AwsSetupError, ClientError) as e:
+        return _setup_failed(e)
     print(f"execution {exec_arn}", file=out)
     urls = console_urls(region, name, exec_arn, _studio_domain())
     for url in urls:
@@ -459,9 +461,5 @@ def cleanup(cfg, assume_yes: bool, out: TextIO = sys.stdout, ask: Callable[[str]
         session = boto3.Session(region_name=check_region(cfg.aws.region))
         check_credentials(session)
         return cleanup_pipeline(session.client("sagemaker"), cfg.pipeline.name, assume_yes, out=out, ask=ask)
-    except AwsSetupError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except ClientError as e:
-        print(f"error: {_refused(e)}", file=sys.stderr)
-        return 2
+    except (AwsSetupError, ClientError) as e:
+        return _setup_failed(e)

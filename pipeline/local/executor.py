@@ -726,10 +726,7 @@ def run_local(cfg, definition_file=None, params=(), run_dir=None, data=None, kee
         t0 = time.monotonic()
         record = execute(definition, store=store, run_dir=run_dir, params=list(params or []),
                          pipeline_name=name, keep_endpoint=keep_endpoint)
-    except DefinitionError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except FileNotFoundError as e:
+    except (DefinitionError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
