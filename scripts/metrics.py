@@ -16,9 +16,12 @@ NUMBER = r"([-+]?(?:[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?|nan|inf))"
 # One line per epoch carries every metric of that epoch.
 EPOCH_FIELDS = ("train_loss", "train_acc", "valid_loss", "valid_acc", "lr")
 
-# Summary lines printed once at the end of a job.
+# Summary lines. The first two (KEPT_FIELDS) are printed after every epoch and again at the
+# end, always for the weights kept so far (best validation loss): SageMaker's automatic early
+# stopping reads the objective after each epoch, and the last value, the final metric, is the
+# kept weights' wherever the job ends. The test lines are printed once, at the end.
 SUMMARY_FIELDS = {
-    "average validation loss": "best validation loss (the weights kept)",
+    "average validation loss": "best validation loss so far (the weights kept)",
     "validation accuracy": "validation accuracy of the weights kept",
     "average test loss": "test loss, read once at the end",
     "test accuracy": "top-1 test accuracy",
@@ -40,6 +43,14 @@ def format_summary(name: str, value: float) -> str:
     if name not in SUMMARY_FIELDS:
         raise ValueError(f"unknown summary metric {name!r}; known: {sorted(SUMMARY_FIELDS)}")
     return f"{name}: {value:.6g}"
+
+
+KEPT_FIELDS = ("average validation loss", "validation accuracy")
+
+
+def format_kept(valid_loss: float, valid_acc: float) -> list[str]:
+    """The KEPT_FIELDS lines for the weights kept so far."""
+    return [format_summary(name, value) for name, value in zip(KEPT_FIELDS, (valid_loss, valid_acc))]
 
 
 def _metric_definitions() -> list[dict[str, str]]:

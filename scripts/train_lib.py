@@ -13,6 +13,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import sys
 import time
@@ -44,6 +45,10 @@ INFERENCE_REQUIREMENTS = "requirements-inference.txt"
 
 class InputError(ValueError):
     """Bad input from the user (flag, channel, data): printed without a traceback."""
+
+
+class TrainingDiverged(InputError):
+    """The loss became non-finite: the run is refused (exit 1) and writes no model."""
 
 
 def log(message: str, rank: int = 0) -> None:
@@ -81,7 +86,7 @@ def _int(text: str) -> int:
     except ValueError:
         number = math.nan
     if not number.is_integer():
-        raise argparse.ArgumentTypeError(f"{value!r} is not an integer")
+        raise argparse.ArgumentTypeError(f"{value!r} is not an integer; valid: a whole number like 64")
     return int(number)
 
 
@@ -90,7 +95,7 @@ def _float(text: str) -> float:
     try:
         return float(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number; valid: e.g. 0.01 or 1e-3") from None
 
 
 def _str(text: str) -> str:
@@ -104,10 +109,19 @@ def _env(*names: str, default: str | None = None) -> str | None:
     return default
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors raise InputError instead of printing usage and exiting 2: in a
+    container a bad hyperparameter is a failed job (exit 1, one line, /opt/ml/output/failure)."""
+
+    def error(self, message: str):
+        # "argument --batch-size/--batch_size: 'x' is not ..." -> "--batch-size: 'x' is not ..."
+        raise InputError(re.sub(r"^argument (--[\w-]+)(?:/--[\w-]+)*: ", r"\1: ", message))
+
+
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     # allow_abbrev=False: SageMaker appends its own --sagemaker_* flags, and a
     # prefix must never silently bind to one of ours.
-    p = argparse.ArgumentParser(prog=prog, allow_abbrev=False, description=__doc__)
+    p = ArgumentParser(prog=prog, allow_abbrev=False, description=__doc__)
 
     def add(flag: str, **kw) -> None:
         names = [flag]
@@ -117,7 +131,11 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
     group = p.add_argument_group("hyperparameters")
     add("--lr", type=_float, default=0.01, help="peak learning rate (SGD momentum 0.9)")
-    add("--batch-size", type=_int, default=64, help="training batch size per process")
+    add("--batch-size", type=_int, default=64,
+        help="training batch size per process: the batch of one optimiser step, however it is split")
+    add("--micro-batch-size", type=_int, default=0,
+        help="images per forward/backward; gradients accumulate over batch-size/micro-batch-size of them. "
+             "0 = the whole batch, halved on CUDA out-of-memory (single process)")
     add("--test-batch-size", type=_int, default=256, help="evaluation batch size per process")
     add("--epochs", type=_int, default=8)
     add("--arch", type=_str, default="resnet50", help="any torchvision classification model")
@@ -142,11 +160,16 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     add("--cache-features", type=parse_bool, default=False,
         help="head-only epochs train the head on backbone features computed once, from un-augmented "
              "(eval-transformed) training images; single process only")
-    add("--amp", type=_str, default="auto", choices=("auto", "true", "false"), help="mixed precision (CUDA only)")
+    add("--amp", type=_str, default="auto", choices=("auto", "true", "false", "bf16", "fp16"),
+        help="mixed precision, CUDA only. auto/true: bf16 on compute capability >= 8.0 (A10G, A100, H100), "
+             "else fp16 with a GradScaler (T4, V100)")
     add("--channels-last", type=_str, default="auto", choices=("auto", "true", "false"),
         help="channels_last memory format (auto: on CUDA and CPU)")
     add("--max-steps-per-epoch", type=_int, default=0, help="cap training steps per epoch; 0 = all")
     add("--log-interval", type=_float, default=60.0, help="seconds between progress lines within an epoch")
+    add("--max-bad-images", type=_float, default=0.01,
+        help="unreadable images skipped (with a warning naming them) per split, as a fraction of the split; "
+             "more fail the job before training")
 
     group = p.add_argument_group("paths (default: SageMaker's environment)")
     add("--data-dir", type=_str, default=_env("SM_CHANNEL_TRAINING"), help="holds train/ valid/ test/")
@@ -176,16 +199,53 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None,
         print(f"ignoring arguments this script does not use: {' '.join(names)}", flush=True)
         if ours:
             print(f"warning: {' '.join(ours)} not a known flag (typo?); see --help", file=sys.stderr, flush=True)
-    if args.epochs < 1:
-        parser.error(f"--epochs must be >= 1, got {args.epochs}")
-    for flag in ("batch_size", "test_batch_size", "image_size"):
-        if getattr(args, flag) < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    if not args.lr > 0:
-        parser.error(f"--lr must be > 0, got {args.lr}")
-    if not 0 <= args.label_smoothing < 1:
-        parser.error(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")
+    check_hyperparameters(args)
     return args
+
+
+def _positive(v) -> bool:
+    return math.isfinite(v) and v > 0
+
+
+def _non_negative(v) -> bool:
+    return math.isfinite(v) and v >= 0
+
+
+# (flag, test, what is valid): a value outside its range is refused before any work starts.
+# NaN fails every test (all comparisons with NaN are False).
+HYPERPARAMETER_RANGES = (
+    ("lr", _positive, "a finite number > 0, e.g. 0.01"),
+    ("epochs", lambda v: v >= 1, "an integer >= 1"),
+    ("batch_size", lambda v: v >= 1, "an integer >= 1"),
+    ("test_batch_size", lambda v: v >= 1, "an integer >= 1"),
+    ("micro_batch_size", lambda v: v >= 0, "0 (the whole batch, halved on CUDA out-of-memory) or an integer >= 1"),
+    ("image_size", lambda v: v >= 1, "an integer >= 1, e.g. 224"),
+    ("resize_size", lambda v: v is None or v >= 1, "an integer >= 1, or unset"),
+    ("freeze_epochs", lambda v: v >= 0, "an integer >= 0"),
+    ("label_smoothing", lambda v: 0 <= v < 1, "a number in [0, 1), e.g. 0.1"),
+    ("lr_warmup_epochs", _non_negative, "a finite number >= 0"),
+    ("min_lr_ratio", lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    ("weight_decay", _non_negative, "a finite number >= 0, e.g. 1e-4"),
+    ("momentum", lambda v: 0 <= v < 1, "a number in [0, 1), e.g. 0.9"),
+    ("patience", lambda v: v >= 0, "an integer >= 0 (0 = no early stopping)"),
+    ("num_workers", lambda v: v is None or v >= 0, "an integer >= 0"),
+    ("threads", lambda v: v is None or v >= 1, "an integer >= 1"),
+    ("prefetch_factor", lambda v: v >= 1, "an integer >= 1"),
+    ("max_steps_per_epoch", lambda v: v >= 0, "an integer >= 0 (0 = all)"),
+    ("log_interval", _non_negative, "a finite number of seconds >= 0"),
+    ("max_bad_images", lambda v: 0 <= v <= 1, "a fraction in [0, 1]"),
+    # train_model.py's own flags
+    ("profile_skip_steps", lambda v: v >= 0, "an integer >= 0"),
+    ("profile_steps", lambda v: v >= 1, "an integer >= 1"),
+    ("debug_save_interval", lambda v: v >= 1, "an integer >= 1"),
+)
+
+
+def check_hyperparameters(args: argparse.Namespace) -> None:
+    """One line naming the first hyperparameter out of range (InputError)."""
+    for name, ok, valid in HYPERPARAMETER_RANGES:
+        if hasattr(args, name) and not ok(getattr(args, name)):
+            raise InputError(f"--{name.replace('_', '-')}: {getattr(args, name)!r} is out of range; valid: {valid}")
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -287,9 +347,47 @@ def scan_split(split_dir: Path, split: str) -> dict[str, list[Path]]:
     return found
 
 
-def scan_dataset(dirs: dict[str, Path]) -> tuple[list[str], dict[str, list[tuple[Path, int]]]]:
-    """Class names (from train/) and (path, class index) samples per split."""
-    scans = {split: scan_split(path, split) for split, path in dirs.items()}
+def image_problem(path: Path) -> str | None:
+    """Why an image file cannot be used, read from its header (no pixel decode), or None.
+    Catches empty, garbage, non-image and header-truncated files, decode bombs, and PNGs with
+    bad chunk checksums (verify); a JPEG cut short in its body still loads (open_image)."""
+    try:
+        with open_image(path) as img:
+            img.verify()
+        return None
+    except Exception as err:  # UnidentifiedImageError, OSError, SyntaxError, DecompressionBombError ...
+        return " ".join(f"{type(err).__name__}: {err}".split())[:200]
+
+
+def drop_unreadable(found: dict[str, list[Path]], split: str, split_dir: Path,
+                    max_fraction: float) -> dict[str, list[Path]]:
+    """The split without the images image_problem refuses, before any training: skipped with a
+    warning naming them while they are at most max_fraction of the split, else InputError."""
+    total = sum(len(files) for files in found.values())
+    bad = {path: why for files in found.values() for path in files if (why := image_problem(path))}
+    if not bad:
+        return found
+    named = "; ".join(f"{path.relative_to(split_dir)} ({why})" for path, why in list(bad.items())[:5])
+    more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+    if len(bad) > max_fraction * total:
+        raise InputError(f"--{split} {split_dir}: {len(bad)} of {total} images cannot be read: {named}{more}; "
+                         f"valid: at most {max_fraction:g} of a split (--max-bad-images) is skipped; "
+                         f"replace or delete them")
+    print(f"warning: --{split} {split_dir}: skipping {len(bad)} of {total} images that cannot be read: "
+          f"{named}{more}", file=sys.stderr, flush=True)
+    kept = {name: [f for f in files if f not in bad] for name, files in found.items()}
+    empty = [name for name, files in kept.items() if not files]
+    if empty:
+        raise InputError(f"--{split} {split_dir / empty[0]}: no readable images left in this class folder")
+    return kept
+
+
+def scan_dataset(dirs: dict[str, Path], max_bad_images: float = 0.0) -> tuple[list[str], dict[str, list[tuple[Path, int]]]]:
+    """Class names (from train/) and (path, class index) samples per split; every image's
+    header checked up front (drop_unreadable), so a corrupt test/ image stops the job before
+    training, not after it."""
+    scans = {split: drop_unreadable(scan_split(path, split), split, path, max_bad_images)
+             for split, path in dirs.items()}
     classes = list(scans["train"])
     if len(classes) < 2:
         raise InputError(f"--train {dirs['train']}: needs at least 2 class folders, found {classes}")
@@ -381,7 +479,11 @@ class ImageList(Dataset):
 
     def __getitem__(self, i: int):
         path, target = self.samples[i]
-        return self.transform(path), target
+        try:
+            return self.transform(path), target
+        except Exception as err:  # its header passed the scan, its pixels do not decode
+            raise InputError(f"{path}: image cannot be decoded ({' '.join(f'{type(err).__name__}: {err}'.split())[:200]}); "
+                             f"replace or delete it") from None
 
 
 def cpus_per_process() -> int:
@@ -532,24 +634,39 @@ class SmoothedCrossEntropyLoss(nn.CrossEntropyLoss):
         return F.cross_entropy(logits, target, label_smoothing=self.label_smoothing if self.training else 0.0)
 
 
+# bf16 tensor cores (and cuDNN's bf16 convolutions) arrived with Ampere, compute capability 8.0.
+# Below it torch.cuda.is_bf16_supported() can still say True (emulated): a T4 (7.5) then runs
+# its convolutions outside cuDNN's fast kernels, several times slower than fp16.
+NATIVE_BF16_CAPABILITY = (8, 0)
+
+
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """bf16 where the GPU has it, else fp16 (with a GradScaler); None = full precision."""
+    """auto/true: bf16 where the GPU does it natively, else fp16 (with a GradScaler);
+    bf16/fp16: as asked; None = full precision."""
     if device.type != "cuda":
-        if amp == "true":
-            print("warning: --amp true ignored: mixed precision only on CUDA", file=sys.stderr, flush=True)
+        if amp not in ("auto", "false"):
+            print(f"warning: --amp {amp} ignored: mixed precision only on CUDA", file=sys.stderr, flush=True)
         return None
     if amp == "false":
         return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if amp in ("bf16", "fp16"):
+        return torch.bfloat16 if amp == "bf16" else torch.float16
+    native_bf16 = tuple(torch.cuda.get_device_capability(device)) >= NATIVE_BF16_CAPABILITY
+    return torch.bfloat16 if native_bf16 else torch.float16
 
 
 def make_context(args: argparse.Namespace, device: torch.device, d: Dist, callbacks: list) -> Context:
     # auto: on for CUDA (tensor cores want NHWC) and CPU (oneDNN: 1.3x resnet18, 2x mobilenet_v3_small here)
     channels_last = args.channels_last == "true" or (args.channels_last == "auto" and device.type in ("cuda", "cpu"))
+    dtype = amp_dtype(args.amp, device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed crop size: pick the fastest conv kernels once
-    return Context(device=device, dtype=amp_dtype(args.amp, device), channels_last=channels_last, d=d,
-                   callbacks=callbacks)
+        capability = ".".join(map(str, torch.cuda.get_device_capability(device)))
+        log(f"amp: {str(dtype).replace('torch.', '') if dtype else 'off'}"
+            + (" with GradScaler" if dtype == torch.float16 else "")
+            + f" (--amp {args.amp}, {torch.cuda.get_device_name(device)}, compute capability {capability})", d.rank)
+    return Context(device=device, dtype=dtype, channels_last=channels_last, d=d, callbacks=callbacks,
+                   micro_batch=args.micro_batch_size)
 
 
 def compile_model(model: nn.Module, args: argparse.Namespace) -> nn.Module:
@@ -577,6 +694,8 @@ class Context:
     channels_last: bool
     d: Dist
     callbacks: list
+    # images per forward/backward; 0 = the whole batch. Halved on CUDA out-of-memory (train_step).
+    micro_batch: int = 0
 
     def autocast(self):
         if self.dtype is None:
@@ -607,17 +726,77 @@ class Context:
 
 def train_step(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, criterion: nn.Module,
                optimizer: torch.optim.Optimizer, scheduler, scaler, ctx: Context) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimiser step on a batch from the loader; (loss, correct) stay on the device."""
+    """One optimiser step on a batch from the loader; (loss, correct) stay on the device.
+
+    The batch is the step's batch however it is computed: with ctx.micro_batch set, gradients
+    accumulate over micro-batches (see accumulate_gradients). A CUDA out-of-memory error halves
+    the micro-batch and redoes the step, in a single process; with DDP the ranks cannot agree
+    on a retry mid-step, so it fails and names --micro-batch-size."""
     images, targets = ctx.to_device(images, targets)
-    with ctx.autocast():
-        logits = model(images)
-        loss = criterion(logits, targets)
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
+    while True:
+        micro = min(ctx.micro_batch or len(targets), len(targets))
+        try:
+            loss, correct = accumulate_gradients(model, images, targets, criterion, optimizer, scaler, ctx, micro)
+            break
+        except torch.cuda.OutOfMemoryError:
+            pass  # handled below, outside the except block: its traceback holds the step's tensors
+        optimizer.zero_grad(set_to_none=True)
+        torch.cuda.empty_cache()
+        shrink_micro_batch(ctx, micro, len(targets))
     scaler.step(optimizer)
     scaler.update()
     scheduler.step()
-    return loss.detach(), (logits.argmax(1) == targets).sum()
+    return loss, correct
+
+
+def accumulate_gradients(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, criterion: nn.Module,
+                         optimizer: torch.optim.Optimizer, scaler, ctx: Context, micro: int):
+    """Forward/backward over micro-batches of `micro` images: each loss scaled by its share of
+    the batch, so the summed gradient is the batch mean's, the same update as one pass over the
+    whole batch (up to rounding), and the learning rate means what it means without them.
+    BatchNorm is the exception: it normalises with each micro-batch's own statistics.
+    DDP: gradients are all-reduced once, on the last micro-batch (no_sync on the others)."""
+    n = len(targets)
+    optimizer.zero_grad(set_to_none=True)
+    loss_sum = torch.zeros((), device=images.device)
+    correct = torch.zeros((), device=images.device, dtype=torch.long)
+    no_sync = getattr(model, "no_sync", None)  # DDP (also under torch.compile)
+    for start in range(0, n, micro):
+        x, y = images[start:start + micro], targets[start:start + micro]
+        last = start + micro >= n
+        with contextlib.nullcontext() if last or no_sync is None else no_sync():
+            with ctx.autocast():
+                logits = model(x)
+                loss = criterion(logits, y) * (len(y) / n)
+            scaler.scale(loss).backward()
+        loss_sum += loss.detach().float()
+        correct += (logits.argmax(1) == y).sum()
+    return loss_sum, correct
+
+
+def shrink_micro_batch(ctx: Context, micro: int, batch: int) -> None:
+    """After a CUDA out-of-memory error at `micro` images per forward: halve, or say why not."""
+    if ctx.d.enabled:
+        raise InputError(f"--micro-batch-size: CUDA out of memory at {micro} images per forward/backward "
+                         f"(--batch-size {batch} per process); with several processes set it explicitly, "
+                         f"e.g. --micro-batch-size {max(1, micro // 2)}")
+    if micro <= 1:
+        raise InputError(f"--image-size: CUDA out of memory with a micro-batch of 1 image; the model does not "
+                         f"fit this GPU: use a smaller --image-size or --arch, or a GPU with more memory")
+    ctx.micro_batch = micro // 2
+    log(f"CUDA out of memory at {micro} images per forward/backward: accumulating gradients over micro-batches "
+        f"of {ctx.micro_batch} (the batch stays {batch}; pass --micro-batch-size {ctx.micro_batch} to start there)",
+        ctx.d.rank)
+
+
+# Steps between checks that the loss is still finite: one device sync each, and a diverged run
+# is stopped within this many steps instead of training on NaN to the end of the epoch.
+DIVERGENCE_CHECK_STEPS = 20
+
+
+def diverged(what: str, lr: float) -> TrainingDiverged:
+    return TrainingDiverged(f"training diverged: {what} (learning rate {lr:.3g}); no model written; "
+                            f"valid: a lower --lr (or tuning range), or check the data")
 
 
 def train_one_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module,
@@ -641,6 +820,9 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module,
         sums += torch.stack([loss.double() * n, correct.double()])
         for cb in ctx.callbacks:
             cb.on_step()
+        if (step + 1) % DIVERGENCE_CHECK_STEPS == 0 and not torch.isfinite(sums[0]):
+            raise diverged(f"the training loss became {sums[0].item()} by step {step + 1}/{steps} of epoch {epoch}",
+                           lr)
         now = time.perf_counter()
         if now - last_log >= log_interval:
             last_log = now
@@ -648,6 +830,8 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module,
     seconds = time.perf_counter() - start
     totals = torch.cat([sums, torch.tensor([float(seen)], dtype=torch.float64).to(ctx.device)])
     loss_sum, correct, seen = all_reduce_sum(totals, ctx.d).tolist()
+    if not math.isfinite(loss_sum):
+        raise diverged(f"the training loss of epoch {epoch} is {loss_sum}", lr)
     seen = max(seen, 1.0)
     return {"train_loss": loss_sum / seen, "train_acc": correct / seen, "steps": steps, "lr": lr,
             "images_per_s": seen / max(seconds, 1e-9), "data_wait_s": data_wait}
@@ -808,17 +992,48 @@ def set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def load_checkpoint(path: Path, identity: dict, device: torch.device) -> dict | None:
-    """The checkpoint of an interrupted run of this same job, or None."""
+CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "scaler", "rng", "epoch", "best_loss", "best_epoch",
+                   "bad_epochs", "stopped", "history", "best_state")
+
+
+def load_checkpoint(path: Path, identity: dict, device: torch.device, move_aside: bool = True) -> dict | None:
+    """The checkpoint of an interrupted run of this same job, or None.
+
+    One of another job (arch, classes, image size) is refused. An unreadable one (empty or
+    truncated by a kill mid-upload, not a checkpoint) is moved aside to <name>.corrupt, with
+    a warning, and the job starts from epoch 1: a spot restart goes on rather than failing on
+    a file that can never load. move_aside: this process renames it (one per host)."""
     if not path.is_file():
         return None
-    ckpt = torch.load(path, map_location=device, weights_only=True)
+    size = path.stat().st_size
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+        if not isinstance(ckpt, dict):
+            raise ValueError(f"holds a {type(ckpt).__name__}, not a checkpoint dict")
+    except Exception as err:  # EOFError (empty), RuntimeError (bad zip), UnpicklingError ...
+        reason = f"{type(err).__name__}: {err}" if str(err).strip() else \
+            f"{type(err).__name__}: an empty or truncated file ({size} bytes)"
+        return _unreadable_checkpoint(path, reason, move_aside)
     theirs = ckpt.get("identity", {})
     diff = {k: (theirs.get(k), v) for k, v in identity.items() if theirs.get(k) != v}
     if diff:
         raise InputError(f"--checkpoint-dir {path.parent}: {path.name} belongs to another job "
                          f"(differs in {sorted(diff)}); give this job its own checkpoint dir or delete it")
+    missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
+    if missing:
+        return _unreadable_checkpoint(path, f"incomplete, no {missing}", move_aside)
     return ckpt
+
+
+def _unreadable_checkpoint(path: Path, reason: str, move_aside: bool) -> None:
+    aside = path.with_name(path.name + ".corrupt")
+    if move_aside:
+        with contextlib.suppress(FileNotFoundError):  # another process on this host was first
+            os.replace(path, aside)
+    reason = " ".join(reason.split())[:300] or "unreadable"
+    print(f"warning: --checkpoint-dir {path.parent}: {path.name} cannot be loaded ({reason}); moved to "
+          f"{aside.name}, starting from epoch 1", file=sys.stderr, flush=True)
+    return None
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -865,6 +1080,15 @@ def plot_history(history: list[dict], path: Path, best_epoch: int | None) -> Non
     os.replace(tmp, path)
 
 
+def one_line(err: InputError) -> str:
+    """The message of an InputError, on one line. One raised in a DataLoader worker arrives
+    re-raised with the worker's traceback in its text: keep only the original message."""
+    text = str(err).strip()
+    if "\nOriginal Traceback" in text:
+        text = re.sub(r"^[\w.]*(InputError|TrainingDiverged): ", "", text.splitlines()[-1])
+    return " ".join(text.split())
+
+
 def write_failure(message: str) -> None:
     """SageMaker shows /opt/ml/output/failure as the job's FailureReason."""
     out = os.environ.get("SM_OUTPUT_DIR")
@@ -892,10 +1116,11 @@ def run(args: argparse.Namespace, callbacks: list[Callbacks] = (), require_test:
 def _run(args, callbacks, d: Dist, device: torch.device, require_test: bool) -> dict:
     random.seed(args.seed)
     torch.manual_seed(args.seed)
-    classes, samples = scan_dataset(data_dirs(args, require_test))
+    scan_start = time.perf_counter()
+    classes, samples = scan_dataset(data_dirs(args, require_test), args.max_bad_images)
     weights = resolve_weights_path(args.weights, args)
     log(f"data: {len(classes)} classes, " + ", ".join(f"{s}={len(v)}" for s, v in samples.items())
-        + f"; device={device} world={d.world}", d.rank)
+        + f" (headers checked in {time.perf_counter() - scan_start:.1f}s); device={device} world={d.world}", d.rank)
 
     # local rank 0 first, so one process per host downloads pretrained weights into its cache
     if d.enabled and d.local_rank != 0:
@@ -923,7 +1148,7 @@ def _run(args, callbacks, d: Dist, device: torch.device, require_test: bool) -> 
     ckpt_path = Path(args.checkpoint_dir) / CHECKPOINT_FILE
     state = {"epoch": 0, "best_loss": math.inf, "best_epoch": None, "bad_epochs": 0, "stopped": False,
              "history": [], "best_state": None}
-    ckpt = load_checkpoint(ckpt_path, identity, device)
+    ckpt = load_checkpoint(ckpt_path, identity, device, move_aside=d.local_rank == 0)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -982,6 +1207,8 @@ def _run(args, callbacks, d: Dist, device: torch.device, require_test: bool) -> 
             cb.on_mode("eval")
         valid = evaluate(eval_net, valid_batches, criterion, len(classes), ctx)
         seconds = time.perf_counter() - start
+        if not math.isfinite(valid["loss"]):  # before the checkpoint: a restart resumes the last finite epoch
+            raise diverged(f"the validation loss of epoch {epoch} is {valid['loss']}", train["lr"])
 
         improved = valid["loss"] < state["best_loss"]  # NaN never improves
         if improved:
@@ -1002,6 +1229,11 @@ def _run(args, callbacks, d: Dist, device: torch.device, require_test: bool) -> 
         log(metrics.format_epoch(epoch, args.epochs, seconds, train_loss=row["train_loss"],
                                  train_acc=row["train_acc"], valid_loss=row["valid_loss"],
                                  valid_acc=row["valid_acc"], lr=row["lr"]), d.rank)
+        # the objective after every epoch (SageMaker's early stopping reads it per epoch): the
+        # kept weights' values, so whenever the job ends the last line printed is theirs
+        kept = next((h for h in state["history"] if h["epoch"] == state["best_epoch"]), row)
+        for line in metrics.format_kept(kept["valid_loss"], kept["valid_acc"]):
+            log(line, d.rank)
         log(f"epoch {epoch}: phase={phase} {train['images_per_s']:.1f} img/s, "
             f"data wait {train['data_wait_s']:.1f}s of {seconds:.1f}s"
             + (" *best*" if improved else "")
@@ -1029,9 +1261,9 @@ def _run(args, callbacks, d: Dist, device: torch.device, require_test: bool) -> 
         "num_test_images": test["count"], "classes": classes,
         "best_epoch": state["best_epoch"], "epochs_run": state["epoch"], "arch": args.arch,
     }
-    for name, value in (("average validation loss", best["valid_loss"]),
-                        ("validation accuracy", best["valid_acc"]),
-                        ("average test loss", test["loss"]),
+    for line in metrics.format_kept(best["valid_loss"], best["valid_acc"]):
+        log(line, d.rank)
+    for name, value in (("average test loss", test["loss"]),
                         ("test accuracy", test["accuracy"]),
                         ("test top5 accuracy", test["top5_accuracy"])):
         if value is not None:
@@ -1054,13 +1286,14 @@ def main(argv: list[str] | None = None, prog: str | None = None, extend=None, ma
     """Entry point body: parse, run, turn bad input into one clear line and exit 1.
 
     extend(parser) adds flags; make_callbacks(args) -> list of Callbacks."""
-    args = parse_args(argv, prog, extend)
     try:
+        args = parse_args(argv, prog, extend)
         callbacks = make_callbacks(args) if make_callbacks else []
         run(args, callbacks, require_test)
     except InputError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        write_failure(str(err))
+        message = one_line(err)
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        write_failure(message)
         return 1
     except BaseException as err:
         write_failure(f"{type(err).__name__}: {err}")
