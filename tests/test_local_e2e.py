@@ -63,6 +63,12 @@ def test_whole_dag_runs_and_the_endpoint_answers_over_http(run):
         ["Succeeded"] * 6
     tune = steps["TuneHyperparameters"]["Properties"]
     assert tune["TrainingJobStatusCounters"]["Completed"] == 2
+    # hpo.py prints the objective after every epoch (for the tuner's early stopping) as the kept
+    # weights' value, so the tuner's final value is the last one, the best
+    trials = read_json(next((run["tmp"] / "run").rglob("trials.json")))
+    for trial in trials:
+        values = trial["intermediate"]
+        assert len(values) >= 2 and trial["objective"] == values[-1] == min(values), trial
     train = steps["TrainModel"]["Properties"]
     best = tune["BestTrainingJob"]["TunedHyperParameters"]
     assert {k: train["HyperParameters"][k] for k in best} == best  # Get of the tuning step's properties
