@@ -373,8 +373,9 @@ def drop_unreadable(found: dict[str, list[Path]], split: str, split_dir: Path,
         raise InputError(f"--{split} {split_dir}: {len(bad)} of {total} images cannot be read: {named}{more}; "
                          f"valid: at most {max_fraction:g} of a split (--max-bad-images) is skipped; "
                          f"replace or delete them")
-    print(f"warning: --{split} {split_dir}: skipping {len(bad)} of {total} images that cannot be read: "
-          f"{named}{more}", file=sys.stderr, flush=True)
+    if _rank() == 0:
+        print(f"warning: --{split} {split_dir}: skipping {len(bad)} of {total} images that cannot be read: "
+              f"{named}{more}", file=sys.stderr, flush=True)
     kept = {name: [f for f in files if f not in bad] for name, files in found.items()}
     empty = [name for name, files in kept.items() if not files]
     if empty:
@@ -1027,9 +1028,10 @@ def load_checkpoint(path: Path, identity: dict, device: torch.device, move_aside
 
 def _unreadable_checkpoint(path: Path, reason: str, move_aside: bool) -> None:
     aside = path.with_name(path.name + ".corrupt")
-    if move_aside:
-        with contextlib.suppress(FileNotFoundError):  # another process on this host was first
-            os.replace(path, aside)
+    if not move_aside:  # the process that moves it says so, once per host
+        return None
+    with contextlib.suppress(FileNotFoundError):
+        os.replace(path, aside)
     reason = " ".join(reason.split())[:300] or "unreadable"
     print(f"warning: --checkpoint-dir {path.parent}: {path.name} cannot be loaded ({reason}); moved to "
           f"{aside.name}, starting from epoch 1", file=sys.stderr, flush=True)
