@@ -741,6 +741,13 @@ def train_step(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, cr
             break
         except torch.cuda.OutOfMemoryError:
             pass  # handled below, outside the except block: its traceback holds the step's tensors
+        except ValueError as err:
+            if "Expected more than 1 value per channel" not in str(err):
+                raise
+            smallest = len(targets) // micro_chunks(len(targets), micro)
+            raise InputError(f"--batch-size: BatchNorm cannot train on a forward of {smallest} image(s) at this "
+                             f"--image-size (one value per channel); valid: --batch-size and --micro-batch-size "
+                             f"of 2 or more, or a larger --image-size") from None
         optimizer.zero_grad(set_to_none=True)
         torch.cuda.empty_cache()
         shrink_micro_batch(ctx, micro, len(targets))
@@ -762,9 +769,9 @@ def accumulate_gradients(model: nn.Module, images: torch.Tensor, targets: torch.
     loss_sum = torch.zeros((), device=images.device)
     correct = torch.zeros((), device=images.device, dtype=torch.long)
     no_sync = getattr(model, "no_sync", None)  # DDP (also under torch.compile)
-    for start in range(0, n, micro):
-        x, y = images[start:start + micro], targets[start:start + micro]
-        last = start + micro >= n
+    chunks = micro_chunks(n, micro)
+    for i, (x, y) in enumerate(zip(images.tensor_split(chunks), targets.tensor_split(chunks))):
+        last = i == chunks - 1
         with contextlib.nullcontext() if last or no_sync is None else no_sync():
             with ctx.autocast():
                 logits = model(x)
@@ -773,6 +780,12 @@ def accumulate_gradients(model: nn.Module, images: torch.Tensor, targets: torch.
         loss_sum += loss.detach().float()
         correct += (logits.argmax(1) == y).sum()
     return loss_sum, correct
+
+
+def micro_chunks(n: int, micro: int) -> int:
+    """How many micro-batches of at most `micro` images a batch of n takes. They are split
+    evenly (9 by 4: 3+3+3, not 4+4+1): no tiny remainder for BatchNorm's statistics."""
+    return math.ceil(n / micro)
 
 
 def shrink_micro_batch(ctx: Context, micro: int, batch: int) -> None:

@@ -134,6 +134,19 @@ def test_batchnorm_in_train_mode_sees_each_micro_batch_alone(train_lib):
     assert _max_diff(whole, quarter) > 1e-4
 
 
+def test_micro_batches_split_evenly_and_a_batch_of_one_is_one_line(train_lib):
+    assert [train_lib.micro_chunks(n, m) for n, m in ((16, 4), (9, 4), (8, 8), (5, 2))] == [4, 3, 1, 3]
+    images, targets = _batch(n=9)
+    sizes = []
+    model = nn.Sequential(nn.Flatten(), nn.Linear(32 * 32 * 3, 4))
+    model.register_forward_pre_hook(lambda module, args: sizes.append(len(args[0])))
+    _one_step(train_lib, model, images, targets, micro=4)
+    assert sizes == [3, 3, 3]  # not 4 + 4 + 1
+    images, targets = _batch(n=1, size=32)  # resnet18 at 32 px: 1x1 feature maps, BatchNorm sees 1 value
+    with pytest.raises(train_lib.InputError, match="--batch-size: BatchNorm cannot train on a forward of 1 image"):
+        _one_step(train_lib, _resnet().train(), images, targets, micro=0)
+
+
 class OutOfMemoryAbove(nn.Module):
     """A stand-in for a GPU's memory limit (CUDA is not on this machine): raises the CUDA
     allocator's own error when a forward gets more than `limit` images."""
