@@ -441,6 +441,32 @@ def check_role_reads(iam, role_arn: str, data_uri: str, out: TextIO = sys.stdout
                                 f"bucket (leave data.uri unset) or grant the role read access")
 
 
+# UpdateEndpoint refuses these; DeployEndpoint would fail after hours of tuning and training.
+ENDPOINT_IN_PROGRESS = ("Creating", "Updating", "SystemUpdating", "RollingBack", "Deleting")
+
+
+def check_endpoint(sm, endpoint_name: str | None, out: TextIO = sys.stdout) -> None:
+    """DeployEndpoint creates the endpoint or updates it; SageMaker cannot update a Failed one."""
+    if not endpoint_name:
+        return
+    try:
+        desc = sm.describe_endpoint(EndpointName=endpoint_name)
+    except ClientError as e:
+        if _code(e) == "ValidationException":  # "Could not find endpoint": DeployEndpoint creates it
+            return
+        print(f"warning: cannot read endpoint {endpoint_name} ({_code(e)}); not checking its status", file=out)
+        return
+    status = desc.get("EndpointStatus")
+    if status == "Failed":
+        raise AwsSetupError(
+            f"endpoint {endpoint_name} is Failed ({desc.get('FailureReason') or 'no reason given'}): SageMaker cannot "
+            f"update a failed endpoint, so DeployEndpoint would fail after training; delete it first "
+            f"(python run_pipeline.py --cleanup, or aws sagemaker delete-endpoint --endpoint-name {endpoint_name})")
+    if status in ENDPOINT_IN_PROGRESS:
+        print(f"warning: endpoint {endpoint_name} is {status}; DeployEndpoint fails if it still is when training "
+              f"ends (UpdateEndpoint refuses an endpoint in progress)", file=out)
+
+
 def simulation_client(session: boto3.Session):
     """IAM for the policy simulator; one attempt (a server without the call answers 500s)."""
     return session.client("iam", config=BotoConfig(retries={"max_attempts": 1, "mode": "standard"}))
@@ -475,6 +501,7 @@ def execute(cfg, definition: str, params: list[str], wait: bool, display_name: s
         s3, sm = session.client("s3"), session.client("sagemaker")
         data_uri = next((p["Value"] for p in parameters if p["Name"] == "DataUri"), cfg.data.uri)
         check_data(s3, data_uri, out=out, iam=simulation_client(session), role_arn=role)
+        check_endpoint(sm, getattr(getattr(cfg, "endpoint", None), "name", None), out=out)
         upload_objects(s3, uploads or {}, out=out)
         arn, created = upsert_pipeline(sm, name, definition, role, dict(cfg.tags),
                                        description=cfg.pipeline.description, bucket=bucket, s3=s3)

@@ -284,3 +284,30 @@ def test_loss_not_decreasing_comparisons_and_infeasible_rules():
     with pytest.raises(PlanError, match="compares EVAL losses 10 steps apart"):
         plan(size, [SimpleNamespace(name="loss_not_decreasing", parameters={})])
     assert math.ceil(835 / 512) * 5 == 10   # why: 10 validation steps on the smallest run
+
+
+# ---------------------------------------------------------------- item 10: an endpoint left Failed or changing
+
+@pytest.mark.parametrize("status, refused", [("Failed", True), ("Updating", False), ("InService", False)])
+def test_preflight_refuses_a_failed_endpoint_and_warns_about_one_in_progress(stubbed_sm, status, refused):
+    sm, stub = stubbed_sm
+    stub.add_response("describe_endpoint", {
+        "EndpointName": "dogbreed-endpoint", "EndpointArn": f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:endpoint/dogbreed-endpoint",
+        "EndpointStatus": status, "FailureReason": "CannotStartContainerError", "CreationTime": "2026-11-01T00:00:00Z",
+        "LastModifiedTime": "2026-11-01T00:00:00Z"}, {"EndpointName": "dogbreed-endpoint"})
+    out = io.StringIO()
+    if refused:
+        with pytest.raises(aws.AwsSetupError, match="endpoint dogbreed-endpoint is Failed \\(CannotStartContainerError\\)"
+                                                    ": SageMaker cannot update a failed endpoint.*delete it first"):
+            aws.check_endpoint(sm, "dogbreed-endpoint", out=out)
+    else:
+        aws.check_endpoint(sm, "dogbreed-endpoint", out=out)
+        assert ("DeployEndpoint fails if it still is" in out.getvalue()) is (status == "Updating")
+
+
+def test_preflight_lets_a_new_endpoint_be_created(stubbed_sm):
+    sm, stub = stubbed_sm
+    stub.add_client_error("describe_endpoint", "ValidationException", "Could not find endpoint", http_status_code=400)
+    out = io.StringIO()
+    aws.check_endpoint(sm, "dogbreed-endpoint", out=out)
+    assert out.getvalue() == ""
