@@ -45,9 +45,8 @@ class Sample(_Strict):
 
 
 class Data(_Strict):
-    # s3://bucket/prefix/ holding train/ valid/ test/; unset: s3://<aws.bucket>/dogImages/, so the
-    # data follows --bucket / SAGEMAKER_BUCKET (Config fills it in).
-    uri: str
+    # Unset, Config fills it in from the (possibly overridden) bucket: the data follows --bucket.
+    uri: str | None = None          # s3://bucket/prefix/ with train/ valid/ test/; default s3://<aws.bucket>/dogImages/
     sample: Sample | None = None
     # --prepare-data: where dogImages.zip comes from, its pinned sha256 (None: record the first
     # download's), strict dogImages checks (133 classes, 6,680/835/836) or consistency only.
@@ -134,16 +133,14 @@ class Rule(_Strict):
 
 
 class Debugger(_Strict):
-    # false turns Debugger off completely (no hook, no rules, no profiler): accounts opened
-    # after 2026-07-30 cannot use it.
-    enabled: bool = True
+    enabled: bool = True            # false: no hook, no rules, no profiler (Debugger closed to new accounts 2026-07-30)
     rules: list[Rule] = []
     # Steps between saved tensors. "auto": chosen from the run's size (pipeline.debugger_plan)
     # so every rule sees enough points on the smallest run the tuning ranges allow; a number
     # applies to the hook and every collection the rules ask for (AWS's rules ask for 500).
-    save_interval: Union[int, str] = "auto"
-    # [train, valid] images, for "auto"; unset: the sample's sizes, else dogImages' 6,680 / 835.
-    dataset_images: Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=2, max_length=2)] | None = None
+    save_interval: Union[int, str] = "auto"    # steps between saves, or auto: from the run's size
+    # unset: the sample's sizes, else dogImages' 6,680 / 835
+    dataset_images: Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=2, max_length=2)] | None = None  # [train, valid] images for auto
 
 
 class Profiler(_Strict):
@@ -154,13 +151,13 @@ class Profiler(_Strict):
 class Framework(_Strict):
     # The newest PyTorch DLCs SDK 2.257.7 knows: training 2.8.0, inference 2.6.0 (the newest
     # inference image it has; past AWS's end of patch, hence inference_image below).
-    training_version: str = "2.8.0"
-    inference_version: str = "2.6.0"
+    training_version: str = "2.8.0"     # PyTorch DLC for tuning and training
+    inference_version: str = "2.6.0"    # PyTorch DLC for the endpoint
     py_version: str = "py312"
     # Explicit image URIs (e.g. a newer DLC than the SDK knows, or your own ECR image) win over
     # the versions; checked for CPU/GPU against the instance types that run them.
-    training_image: str | None = None
-    inference_image: str | None = None
+    training_image: str | None = None   # ECR URI; wins over training_version
+    inference_image: str | None = None  # ECR URI; wins over inference_version
 
 
 # --- model, gate, endpoint ----------------------------------------------------
