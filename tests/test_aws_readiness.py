@@ -311,3 +311,15 @@ def test_preflight_lets_a_new_endpoint_be_created(stubbed_sm):
     out = io.StringIO()
     aws.check_endpoint(sm, "dogbreed-endpoint", out=out)
     assert out.getvalue() == ""
+
+
+def test_instance_overrides_are_checked_against_dlc_tags_and_left_to_the_user_for_their_own_images():
+    from pipeline.params import ParameterError, check_overrides
+    definition = {"Parameters": [{"Name": "TrainingInstanceType", "Type": "String", "DefaultValue": "ml.g4dn.xlarge"}],
+                  "Steps": [{"Name": "TrainModel", "Type": "Training", "Arguments": {"AlgorithmSpecification": {
+                      "TrainingImage": "123456789012.dkr.ecr.us-east-1.amazonaws.com/my-train:v3"}}}]}
+    assert check_overrides(definition, ["TrainingInstanceType=ml.m5.xlarge"]) == {"TrainingInstanceType": "ml.m5.xlarge"}
+    definition["Steps"][0]["Arguments"]["AlgorithmSpecification"]["TrainingImage"] = \
+        "763104351884.dkr.ecr.us-east-1.amazonaws.com/pytorch-training:2.8.0-gpu-py312"
+    with pytest.raises(ParameterError, match="needs the CPU image"):
+        check_overrides(definition, ["TrainingInstanceType=ml.m5.xlarge"])
