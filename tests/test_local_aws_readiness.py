@@ -135,3 +135,16 @@ def test_deploy_endpoint_refuses_a_failed_or_changing_endpoint_as_update_endpoin
     assert message in rec["Steps"]["Deploy"]["FailureReason"]
     if status == "Failed":
         assert str(record) in rec["Steps"]["Deploy"]["FailureReason"]   # says what to delete
+
+
+def test_debugger_off_request_runs_locally_without_hook_rules_or_profiler(store, tmp_path):
+    """What `debugger.enabled: false` builds (no hook, no rules, DisableProfiler) runs as a plain job."""
+    d = toy_definition(max_jobs=1, parallel=1, cache=False)
+    d["Steps"][1]["Arguments"]["ProfilerConfig"] = {"DisableProfiler": True}
+    rec = execute(d, store=store, run_dir=tmp_path / "run", pipeline_name="toy", report=False)
+    assert rec["PipelineExecutionStatus"] == "Succeeded", rec.get("FailureReason")
+    train = rec["Steps"]["Train"]["Properties"]
+    assert not train.get("DebugRuleEvaluationStatuses") and not train.get("ProfilerSummary")
+    job_dir = Path(train["LocalJobDir"]) / "opt_ml" / "output"
+    assert not (job_dir / "tensors").exists() or not any((job_dir / "tensors").iterdir())
+    assert not (job_dir / "profiler").exists()
