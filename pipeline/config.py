@@ -132,6 +132,9 @@ class Rule(_Strict):
     parameters: dict[str, str] = {}
 
 
+ImageCounts = Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=2, max_length=2)]
+
+
 class Debugger(_Strict):
     enabled: bool = True            # false: no hook, no rules, no profiler (Debugger closed to new accounts 2026-07-30)
     rules: list[Rule] = []
@@ -140,7 +143,7 @@ class Debugger(_Strict):
     # applies to the hook and every collection the rules ask for (AWS's rules ask for 500).
     save_interval: Union[int, str] = "auto"    # steps between saves, or auto: from the run's size
     # unset: the sample's sizes, else dogImages' 6,680 / 835
-    dataset_images: Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=2, max_length=2)] | None = None  # [train, valid] images for auto
+    dataset_images: ImageCounts | None = None  # [train, valid] images for auto
 
 
 class Profiler(_Strict):
