@@ -143,16 +143,17 @@ def plan(size: RunSize, rules) -> Plan:
 # Per rule: (mode, collection, points it needs on the smallest run); the test checks the plan against it.
 def needs(rule, size: RunSize) -> list[tuple[str, str, int]]:
     epochs = size.smallest[2]
+    per_epoch = ("eval", "losses", epochs)           # at least one validation loss per epoch
+    train_losses = ("train", "losses", MIN_TRAIN_POINTS)
+    loss_mode = str(dict(rule.parameters).get("mode", "EVAL")).upper()
     return {
         "vanishing_gradient": [("train", "gradients", MIN_TRAIN_POINTS)],
         "exploding_tensor": [("train", "gradients", MIN_TRAIN_POINTS)],
-        "overfit": [("train", "losses", MIN_TRAIN_POINTS), ("eval", "losses", epochs)],
-        "overtraining": [("train", "losses", MIN_TRAIN_POINTS), ("eval", "losses", epochs)],
+        "overfit": [train_losses, per_epoch],
+        "overtraining": [train_losses, per_epoch],
         "poor_weight_initialization": [("train", "relu_input", MIN_FIRST_STEP_POINTS)],
-        "loss_not_decreasing": [("train" if str(dict(rule.parameters).get("mode", "EVAL")).upper() == "TRAIN"
-                                 else "eval", "losses", MIN_TRAIN_POINTS if str(dict(rule.parameters).get(
-                                     "mode", "EVAL")).upper() == "TRAIN" else epochs)],
-    }.get(rule.name, [("train", "losses", MIN_TRAIN_POINTS)])
+        "loss_not_decreasing": [train_losses if loss_mode == "TRAIN" else per_epoch],
+    }.get(rule.name, [train_losses])
 
 
 def _values(rng_or_value) -> tuple[int, ...]:
