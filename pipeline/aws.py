@@ -18,7 +18,9 @@ import urllib.parse
 from typing import Callable, Iterable, TextIO
 
 import boto3
+from botocore.config import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ClientError
+from botocore.parsers import ResponseParserError
 
 from pipeline.config import PIPELINE_TAG
 from pipeline.local.store import split_s3_uri
@@ -247,7 +249,25 @@ def failure_report(description: dict, steps: list[dict]) -> list[str]:
         message = s.get("Metadata", {}).get("Fail", {}).get("ErrorMessage")
         if message:
             lines.append(f"step {s['StepName']} (FailStep) says: {message}")
+    hint = debugger_hint(lines)
+    if hint:
+        lines.append(hint)
     return lines
+
+
+# What a job refused for Debugger or its profiler says (DebugHookConfig, DebugRuleConfigurations,
+# ProfilerConfig, ProfilerRuleConfigurations, "Debugger"): AWS closed both to new customers on 2026-07-30.
+_DEBUGGER_WORDS = re.compile(r"debugger|debug ?hook|debug ?rule|profiler", re.IGNORECASE)
+DEBUGGER_OFF = "debugger:\n  enabled: false"
+
+
+def debugger_hint(lines: list[str]) -> str | None:
+    """The one line to change when a failure names Debugger or the profiler."""
+    if not any(_DEBUGGER_WORDS.search(line) for line in lines):
+        return None
+    return ("hint: this account cannot use SageMaker Debugger or its profiler (closed to new customers on "
+            "2026-07-30): set `enabled: false` under `debugger:` in your pipeline.yaml (turns off hook, rules "
+            "and profiler) and run again")
 
 
 def wait_execution(sm, execution_arn: str, poll_s: float = 10.0, max_poll_s: float = 120.0,
@@ -379,19 +399,77 @@ def upload_objects(s3, uploads: dict[str, bytes], out: TextIO = sys.stdout) -> i
     return sent
 
 
-def check_data(s3, data_uri: str, out: TextIO = sys.stdout) -> None:
-    """The training data must be there before hours of tuning start."""
+def check_data(s3, data_uri: str, out: TextIO = sys.stdout, iam=None, role_arn: str | None = None) -> None:
+    """The training data must be there, and readable by the execution role, before hours of tuning start."""
     bucket, prefix = split_s3_uri(data_uri)
     try:
         found = s3.list_objects_v2(Bucket=bucket, Prefix=prefix.rstrip("/") + "/" if prefix else "", MaxKeys=1)
     except ClientError as e:
         if _code(e) in ("NoSuchBucket", "404"):
             raise AwsSetupError(f"data URI {data_uri}: bucket {bucket!r} does not exist")
-        print(f"warning: cannot list {data_uri} ({_code(e)}); not checking that the data is there", file=out)
-        return
+        raise AwsSetupError(f"data URI {data_uri}: these credentials cannot list it ({_code(e)}); use data in the "
+                            f"artifact bucket (leave data.uri unset) or grant s3:ListBucket on {bucket}")
     if not found.get("KeyCount", len(found.get("Contents", []))):
         raise AwsSetupError(f"no data at {data_uri}: run `python run_pipeline.py --prepare-data` first "
                             f"(or pass --param DataUri=s3://...)")
+    if iam is not None and role_arn:
+        check_role_reads(iam, role_arn, data_uri, out=out)
+
+
+def check_role_reads(iam, role_arn: str, data_uri: str, out: TextIO = sys.stdout) -> None:
+    """Ask IAM's policy simulator whether the execution role may list and read the data.
+
+    The jobs read the data as the role, not as the caller: a role scoped to the artifact
+    bucket (infra/template.yaml) fails every trial on data kept elsewhere, hours in.
+    """
+    bucket, prefix = split_s3_uri(data_uri)
+    partition = role_arn.split(":")[1]
+    checks = (("s3:ListBucket", f"arn:{partition}:s3:::{bucket}"),
+              ("s3:GetObject", f"arn:{partition}:s3:::{bucket}/{prefix.rstrip('/')}/train/example.jpg"))
+    for action, resource in checks:
+        try:
+            result = iam.simulate_principal_policy(PolicySourceArn=role_arn, ActionNames=[action],
+                                                   ResourceArns=[resource])["EvaluationResults"][0]
+        except (ClientError, BotoCoreError, ResponseParserError) as e:
+            # Not being allowed to simulate is no proof the role cannot read: say so and go on.
+            why = _code(e) if isinstance(e, ClientError) else type(e).__name__
+            print(f"warning: cannot ask IAM whether the role may read {data_uri} ({why}); not checked", file=out)
+            return
+        if result.get("EvalDecision") != "allowed":
+            raise AwsSetupError(f"data URI {data_uri}: the execution role {role_arn.rsplit('/', 1)[-1]} may not "
+                                f"{action} {resource} ({result.get('EvalDecision')}); keep the data in the artifact "
+                                f"bucket (leave data.uri unset) or grant the role read access")
+
+
+# UpdateEndpoint refuses these; DeployEndpoint would fail after hours of tuning and training.
+ENDPOINT_IN_PROGRESS = ("Creating", "Updating", "SystemUpdating", "RollingBack", "Deleting")
+
+
+def check_endpoint(sm, endpoint_name: str | None, out: TextIO = sys.stdout) -> None:
+    """DeployEndpoint creates the endpoint or updates it; SageMaker cannot update a Failed one."""
+    if not endpoint_name:
+        return
+    try:
+        desc = sm.describe_endpoint(EndpointName=endpoint_name)
+    except ClientError as e:
+        if _code(e) == "ValidationException":  # "Could not find endpoint": DeployEndpoint creates it
+            return
+        print(f"warning: cannot read endpoint {endpoint_name} ({_code(e)}); not checking its status", file=out)
+        return
+    status = desc.get("EndpointStatus")
+    if status == "Failed":
+        raise AwsSetupError(
+            f"endpoint {endpoint_name} is Failed ({desc.get('FailureReason') or 'no reason given'}): SageMaker cannot "
+            f"update a failed endpoint, so DeployEndpoint would fail after training; delete it first "
+            f"(python run_pipeline.py --cleanup, or aws sagemaker delete-endpoint --endpoint-name {endpoint_name})")
+    if status in ENDPOINT_IN_PROGRESS:
+        print(f"warning: endpoint {endpoint_name} is {status}; DeployEndpoint fails if it still is when training "
+              f"ends (UpdateEndpoint refuses an endpoint in progress)", file=out)
+
+
+def simulation_client(session: boto3.Session):
+    """IAM for the policy simulator; one attempt (a server without the call answers 500s)."""
+    return session.client("iam", config=BotoConfig(retries={"max_attempts": 1, "mode": "standard"}))
 
 
 # ---------------------------------------------------------------- config-taking entry points
@@ -406,9 +484,9 @@ def _refused(e: ClientError) -> str:
 
 
 def _setup_failed(e: AwsSetupError | ClientError) -> int:
-    """One line on stderr for a check or a call that AWS refused; exit code 2."""
+    """One line on stderr for a check or a call that AWS refused; exit code 1 (a refused run)."""
     print(f"error: {_refused(e) if isinstance(e, ClientError) else e}", file=sys.stderr)
-    return 2
+    return 1
 
 
 def execute(cfg, definition: str, params: list[str], wait: bool, display_name: str | None,
@@ -422,7 +500,8 @@ def execute(cfg, definition: str, params: list[str], wait: bool, display_name: s
         session = preflight(region, role, bucket, out=out)
         s3, sm = session.client("s3"), session.client("sagemaker")
         data_uri = next((p["Value"] for p in parameters if p["Name"] == "DataUri"), cfg.data.uri)
-        check_data(s3, data_uri, out=out)
+        check_data(s3, data_uri, out=out, iam=simulation_client(session), role_arn=role)
+        check_endpoint(sm, getattr(getattr(cfg, "endpoint", None), "name", None), out=out)
         upload_objects(s3, uploads or {}, out=out)
         arn, created = upsert_pipeline(sm, name, definition, role, dict(cfg.tags),
                                        description=cfg.pipeline.description, bucket=bucket, s3=s3)

@@ -14,10 +14,13 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+
+# data.uri when the config sets none: s3://<aws.bucket>/dogImages/
+DEFAULT_DATA_PREFIX = "dogImages"
 
 # Tag key on every resource the pipeline creates, valued with the pipeline name.
 PIPELINE_TAG = "dogbreed:pipeline"
@@ -42,7 +45,8 @@ class Sample(_Strict):
 
 
 class Data(_Strict):
-    uri: str                        # s3://bucket/prefix/ holding train/ valid/ test/
+    # Unset, Config fills it in from the (possibly overridden) bucket: the data follows --bucket.
+    uri: str | None = None          # s3://bucket/prefix/ with train/ valid/ test/; default s3://<aws.bucket>/dogImages/
     sample: Sample | None = None
     # --prepare-data: where dogImages.zip comes from, its pinned sha256 (None: record the first
     # download's), strict dogImages checks (133 classes, 6,680/835/836) or consistency only.
@@ -128,12 +132,18 @@ class Rule(_Strict):
     parameters: dict[str, str] = {}
 
 
+ImageCounts = Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=2, max_length=2)]
+
+
 class Debugger(_Strict):
-    enabled: bool = True                       # false for accounts without Debugger (closed 2026-07-30)
+    enabled: bool = True            # false: no hook, no rules, no profiler (Debugger closed to new accounts 2026-07-30)
     rules: list[Rule] = []
-    # Steps between saved tensors, for the hook and every collection the rules ask for.
-    # AWS's built-in rules ask for 500; a run of a few dozen steps needs a few.
-    save_interval: int = Field(500, ge=1)
+    # Steps between saved tensors. "auto": chosen from the run's size (pipeline.debugger_plan)
+    # so every rule sees enough points on the smallest run the tuning ranges allow; a number
+    # applies to the hook and every collection the rules ask for (AWS's rules ask for 500).
+    save_interval: Union[int, str] = "auto"    # steps between saves, or auto: from the run's size
+    # unset: the sample's sizes, else dogImages' 6,680 / 835
+    dataset_images: ImageCounts | None = None  # [train, valid] images for auto
 
 
 class Profiler(_Strict):
@@ -142,9 +152,15 @@ class Profiler(_Strict):
 
 
 class Framework(_Strict):
-    # The newest PyTorch that SDK 2.257.7 has images for, for both training and inference.
-    version: str = "2.6.0"
+    # The newest PyTorch DLCs SDK 2.257.7 knows: training 2.8.0, inference 2.6.0 (the newest
+    # inference image it has; past AWS's end of patch, hence inference_image below).
+    training_version: str = "2.8.0"     # PyTorch DLC for tuning and training
+    inference_version: str = "2.6.0"    # PyTorch DLC for the endpoint
     py_version: str = "py312"
+    # Explicit image URIs (e.g. a newer DLC than the SDK knows, or your own ECR image) win over
+    # the versions; checked for CPU/GPU against the instance types that run them.
+    training_image: str | None = None   # ECR URI; wins over training_version
+    inference_image: str | None = None  # ECR URI; wins over inference_version
 
 
 # --- model, gate, endpoint ----------------------------------------------------
@@ -191,6 +207,17 @@ class Aws(_Strict):
 
 
 class Config(_Strict):
+    @model_validator(mode="before")
+    @classmethod
+    def _data_follows_bucket(cls, raw: Any) -> Any:
+        # No data.uri in the file: the data lives in the (possibly overridden) artifact bucket.
+        if not isinstance(raw, dict) or not isinstance(raw.get("aws"), dict) or not raw["aws"].get("bucket"):
+            return raw
+        data = {} if raw.get("data") is None else raw["data"]
+        if isinstance(data, dict) and data.get("uri") is None:
+            raw = {**raw, "data": {**data, "uri": f"s3://{raw['aws']['bucket']}/{DEFAULT_DATA_PREFIX}/"}}
+        return raw
+
     pipeline: Pipeline
     aws: Aws
     data: Data
@@ -350,6 +377,65 @@ def _check(cfg: Config) -> None:
     for key in cfg.training.hyperparameters:
         if not re.match(r"^[a-z][a-z0-9-]*$", key):
             _fail(src, f"training.hyperparameters.{key}", "a flag name without '--' (lowercase, digits, '-')")
+    _check_images(cfg)
+    _check_debugger_plan(cfg)
+
+
+_IMAGE_URI = re.compile(r"^(\d{12})\.dkr\.ecr\.([a-z0-9-]+)\.amazonaws\.com(\.cn)?/[a-z0-9._/-]+(:[\w.-]+|@sha256:[0-9a-f]{64})$")
+
+
+def image_processor(uri: str) -> str | None:
+    """'gpu' / 'cpu' from a DLC-style tag (2.8.0-gpu-py312-cu129-...), None when the tag does not say."""
+    tag = uri.rsplit(":", 1)[-1] if ":" in uri.rsplit("/", 1)[-1] else ""
+    m = re.search(r"(?:^|-)(gpu|cpu)(?:-|$)", tag)
+    return m.group(1) if m else None
+
+
+def _check_images(cfg: Config) -> None:
+    """Explicit image URIs: ECR URIs in the pipeline's region, CPU/GPU as the instances that run them."""
+    from pipeline.params import gpu_instance
+    f, src = cfg.framework, cfg.source
+    uses = {"framework.training_image": (f.training_image, [("tuning.instance.type", cfg.tuning.instance.type),
+                                                            ("training.instance.type", cfg.training.instance.type)]),
+            "framework.inference_image": (f.inference_image, [("endpoint.instance_type", cfg.endpoint.instance_type)])}
+    for field, (uri, instances) in uses.items():
+        if uri is None:
+            continue
+        m = _IMAGE_URI.match(uri)
+        if not m:
+            _fail(src, field, f"an ECR image URI like '763104351884.dkr.ecr.{cfg.aws.region}.amazonaws.com/"
+                              f"pytorch-training:2.8.0-gpu-py312'; got {uri!r}")
+        if m.group(2) != cfg.aws.region:
+            _fail(src, field, f"an image in the pipeline's region {cfg.aws.region} (SageMaker pulls from its own "
+                              f"region); got one in {m.group(2)}")
+        processor = image_processor(uri)
+        for where, itype in instances:
+            want = "gpu" if gpu_instance(itype) else "cpu"
+            if processor and processor != want:
+                _fail(src, field, f"a {want.upper()} image for {where} {itype}; got the {processor.upper()} image {uri}")
+    if f.training_image is None or f.inference_image is None:
+        from pipeline.images import sdk_image_versions
+        for field, scope, version, explicit in (
+                ("framework.training_version", "training", f.training_version, f.training_image),
+                ("framework.inference_version", "inference", f.inference_version, f.inference_image)):
+            known = sdk_image_versions(scope, f.py_version)
+            if explicit is None and version not in known:
+                _fail(src, field, f"a PyTorch {scope} version the SDK has {f.py_version} images for, one of "
+                                  f"{known} (or set framework.{scope}_image); got {version!r}")
+
+
+def _check_debugger_plan(cfg: Config) -> None:
+    interval = cfg.debugger.save_interval
+    if isinstance(interval, str) and interval != "auto" or isinstance(interval, int) and interval < 1:
+        _fail(cfg.source, "debugger.save_interval", f"Input should be greater than or equal to 1 (or 'auto'); "
+                                                    f"got {interval!r}")
+    if not cfg.debugger.enabled or not cfg.debugger.rules:
+        return
+    from pipeline.debugger_plan import PlanError, plan_for_config
+    try:
+        plan_for_config(cfg)
+    except PlanError as e:
+        _fail(cfg.source, e.field, str(e))
 
 
 def _format_loc(loc: tuple[Any, ...]) -> str:

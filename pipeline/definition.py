@@ -52,14 +52,27 @@ def code_uri(cfg: Config, tarball: bytes) -> str:
 # --- images -------------------------------------------------------------------
 
 def image(cfg: Config, scope: str, instance_type: str) -> str:
-    """PyTorch DLC for a config instance type (not a Parameter: the SDK would read its default)."""
-    from sagemaker import image_uris
-    return image_uris.retrieve("pytorch", region=cfg.aws.region, version=cfg.framework.version,
-                               py_version=cfg.framework.py_version, instance_type=instance_type,
-                               image_scope=scope)
+    """The config's image URI, or the PyTorch DLC for a config instance type (pipeline.images)."""
+    from pipeline.images import image_uri
+    return image_uri(cfg, scope, instance_type)
 
 
 # --- the DAG ------------------------------------------------------------------
+
+# Step types that accept RetryPolicies, and the exception types each may name (AWS: "Retry Policy
+# for Pipeline Steps"); tuning jobs retry JOB_INTERNAL_ERROR internally, Pipelines never does.
+_JOB_EXCEPTIONS = ("SageMaker.JOB_INTERNAL_ERROR", "SageMaker.CAPACITY_ERROR", "SageMaker.RESOURCE_LIMIT")
+_STEP_EXCEPTIONS = ("Step.SERVICE_FAULT", "Step.THROTTLING")
+RETRY_POLICY_STEP_TYPES = {
+    "Processing": _STEP_EXCEPTIONS + _JOB_EXCEPTIONS,
+    "Training": _STEP_EXCEPTIONS + _JOB_EXCEPTIONS,
+    "Tuning": _STEP_EXCEPTIONS + ("SageMaker.CAPACITY_ERROR", "SageMaker.RESOURCE_LIMIT"),
+    "AutoML": _STEP_EXCEPTIONS + _JOB_EXCEPTIONS,
+    "Model": _STEP_EXCEPTIONS,
+    "RegisterModel": _STEP_EXCEPTIONS,
+    "Transform": _STEP_EXCEPTIONS + _JOB_EXCEPTIONS,
+    "NotebookJob": _STEP_EXCEPTIONS + _JOB_EXCEPTIONS,
+}
 
 @dataclass(frozen=True)
 class Params:
@@ -107,18 +120,23 @@ def sagemaker_pipeline(cfg: Config, session, code_s3_uri: str):
     params = parameters(cfg)
     r = cfg.retry
     retry = dict(max_attempts=r.max_attempts, interval_seconds=r.interval_s, backoff_rate=r.backoff_rate)
+    # Retry policies go only on the step types AWS accepts them for (RETRY_POLICY_STEP_TYPES).
     service_retry = [StepRetryPolicy(exception_types=[StepExceptionTypeEnum.SERVICE_FAULT,
                                                       StepExceptionTypeEnum.THROTTLING], **retry)]
     job_retry = service_retry + [SageMakerJobStepRetryPolicy(
         exception_types=[SageMakerJobExceptionTypeEnum.CAPACITY_ERROR,
                          SageMakerJobExceptionTypeEnum.INTERNAL_ERROR,
                          SageMakerJobExceptionTypeEnum.RESOURCE_LIMIT], **retry)]
+    # A tuning job retries its trials' internal errors itself and Pipelines does not retry them
+    tuning_retry = service_retry + [SageMakerJobStepRetryPolicy(
+        exception_types=[SageMakerJobExceptionTypeEnum.CAPACITY_ERROR,
+                         SageMakerJobExceptionTypeEnum.RESOURCE_LIMIT], **retry)]
     cache = CacheConfig(enable_caching=cfg.cache.enabled, expire_after=cfg.cache.expire_after)
     metric_definitions = scripts_module("metrics").METRIC_DEFINITIONS
 
     step_tune = tuning_step(cfg, session, code_uri=code_s3_uri, params=params, metric_definitions=metric_definitions,
                             image_uri=image(cfg, "training", cfg.tuning.instance.type),
-                            cache_config=cache, retry_policies=job_retry)
+                            cache_config=cache, retry_policies=tuning_retry)
     step_train = training_step(cfg, session, step_tune=step_tune, code_uri=code_s3_uri, params=params,
                                metric_definitions=metric_definitions,
                                image_uri=image(cfg, "training", cfg.training.instance.type),
@@ -126,8 +144,7 @@ def sagemaker_pipeline(cfg: Config, session, code_s3_uri: str):
     step_model, step_register = model_steps(cfg, session, step_train=step_train, params=params,
                                             image_uri=image(cfg, "inference", cfg.endpoint.instance_type),
                                             retry_policies=service_retry)
-    step_gate = gate_step(cfg, session, step_train=step_train, step_model=step_model, params=params,
-                          retry_policies=service_retry)
+    step_gate = gate_step(cfg, session, step_train=step_train, step_model=step_model, params=params)
     return Pipeline(
         name=cfg.pipeline.name,
         parameters=params.all(),
@@ -135,6 +152,9 @@ def sagemaker_pipeline(cfg: Config, session, code_s3_uri: str):
         sagemaker_session=session,
         # Job names stay out of the definition: SageMaker names each execution's jobs.
         pipeline_definition_config=PipelineDefinitionConfig(use_custom_job_prefix=False),
+        # No Experiments integration: SageMaker Experiments (classic) would need the role to create
+        # experiments, trials and trial components for nothing the project reads (README: AWS readiness).
+        pipeline_experiment_config=None,
     )
 
 
@@ -171,8 +191,11 @@ def build(cfg: Config) -> Build:
         session.boto_session.client("s3").put_object(Bucket=bucket, Key=key, Body=tarball)
         definition = sagemaker_pipeline(cfg, session, uri).definition()
         uploads = offline.s3_objects(session.boto_session)
+    doc = json.loads(definition)
+    if doc.get("PipelineExperimentConfig") is None:
+        doc.pop("PipelineExperimentConfig", None)   # built without it: no Experiments integration
     # Pretty and stable: reviewable diffs, same bytes every build.
-    text = json.dumps(json.loads(definition), indent=2, sort_keys=True) + "\n"
+    text = json.dumps(doc, indent=2, sort_keys=True) + "\n"
     return Build(definition=text, uploads=uploads)
 
 

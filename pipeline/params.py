@@ -62,8 +62,8 @@ def _check_image(definition: dict, name: str, instance_type: str) -> None:
         node = step["Arguments"]
         for key in path:
             node = node.get(key, {}) if isinstance(node, dict) else {}
-        if not isinstance(node, str):
-            continue
+        if not isinstance(node, str) or not re.search(r"-(cpu|gpu)-", node):
+            continue  # an explicit image whose tag does not say: the user vouches for it
         built_gpu = "-gpu-" in node
         if gpu_instance(instance_type) != built_gpu:
             want, have = ("GPU", "CPU") if gpu_instance(instance_type) else ("CPU", "GPU")

@@ -9,7 +9,7 @@ from sagemaker.workflow.fail_step import FailStep
 from sagemaker.workflow.functions import Join
 
 
-def gate_step(cfg, session, *, step_train, step_model, params, retry_policies) -> ConditionStep:
+def gate_step(cfg, session, *, step_train, step_model, params) -> ConditionStep:
     metric = step_train.properties.FinalMetricDataList[cfg.gate.metric].Value
     tags = cfg.resource_tags()
     config = EndpointConfigStep(
@@ -23,7 +23,7 @@ def gate_step(cfg, session, *, step_train, step_model, params, retry_policies) -
             instance_type=params.endpoint_instance_type,
             tags=tags,
         ),
-        retry_policies=retry_policies,
+        # No retry_policies: AWS accepts them on job, model and register steps only.
     )
     endpoint = EndpointStep(
         name="DeployEndpoint",

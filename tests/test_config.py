@@ -49,7 +49,7 @@ def test_smoke_profile_is_small():
     assert cfg.tuning.ranges["epochs"].max <= 4
     assert cfg.debugger.enabled and cfg.debugger.rules and cfg.profiler.enabled
     assert cfg.debugger.save_interval <= 5      # the rules see more than step 0 of ~24
-    assert load_config(ROOT / "pipeline.yaml").debugger.save_interval == 500  # what AWS's rules ask for
+    assert load_config(ROOT / "pipeline.yaml").debugger.save_interval == "auto"  # from the run's size
     assert cfg.gate.threshold <= 0.5
 
 
@@ -113,6 +113,18 @@ BAD = [
     ("gate.metric", "accuracy", "gate.metric: one of ["),
     ("debugger.rules.0.name", "vanishing_gradients", "debugger.rules.0.name: a built-in Debugger rule, one of ["),
     ("debugger.save_interval", 0, "debugger.save_interval: Input should be greater than or equal to 1"),
+    ("debugger.rules", [{"name": "loss_not_decreasing"}],
+     "debugger.rules.0.parameters: loss_not_decreasing compares EVAL losses 10 steps apart, but the smallest run"),
+    ("framework.training_image", "763104351884.dkr.ecr.us-east-1.amazonaws.com/pytorch-training:2.8.0-cpu-py312",
+     "framework.training_image: a GPU image for tuning.instance.type ml.g4dn.xlarge; got the CPU image"),
+    ("framework.inference_image", "763104351884.dkr.ecr.us-east-1.amazonaws.com/pytorch-inference:2.6.0-gpu-py312",
+     "framework.inference_image: a CPU image for endpoint.instance_type ml.m5.large; got the GPU image"),
+    ("framework.inference_image", "763104351884.dkr.ecr.eu-west-1.amazonaws.com/pytorch-inference:2.6.0-cpu-py312",
+     "framework.inference_image: an image in the pipeline's region us-east-1"),
+    ("framework.training_image", "pytorch-training:latest", "framework.training_image: an ECR image URI like"),
+    ("framework.training_version", "2.9.0", "framework.training_version: a PyTorch training version the SDK has py312 "
+                                            "images for, one of ['2.6.0', '2.7.1', '2.8.0']"),
+    ("framework.inference_version", "2.8.0", "framework.inference_version: a PyTorch inference version"),
     ("profiler.interval_ms", 300, "profiler.interval_ms: Input should be 100, 200, 500, 1000, 5000 or 60000"),
     ("registry.approval_status", "Approve", "registry.approval_status: Input should be 'PendingManualApproval', 'Approved' or 'Rejected'"),
     ("registry.model_package_group", "dog_breed", "registry.model_package_group: letters, digits and single hyphens"),

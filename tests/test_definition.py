@@ -274,7 +274,10 @@ def test_training_reads_tuned_values_and_debugger(definitions, configs):
     assert train["ProfilerConfig"]["DisableProfiler"] is False
     assert "ProfilingParameters" not in train["ProfilerConfig"]      # no framework profiling
     assert train["HyperParameters"]["profile"] == '"true"'
-    assert train["CheckpointConfig"]["S3Uri"]["Std:Join"]["Values"][1] == {"Get": "Execution.PipelineExecutionId"}
+    # No execution id in the checkpoint URI (it is part of the cache key): the best trial's name
+    checkpoint = train["CheckpointConfig"]["S3Uri"]["Std:Join"]["Values"]
+    assert checkpoint[-1] == {"Get": "Steps.TuneHyperparameters.BestTrainingJob.TrainingJobName"}
+    assert "Execution." not in json.dumps(train)
     # No timestamps anywhere (sagemaker-python-sdk#3651).
     tune = steps["TuneHyperparameters"]["Arguments"]["TrainingJobDefinition"]["StaticHyperParameters"]
     assert tune["sagemaker_job_name"] == '"dogbreed-hpo"'
@@ -285,7 +288,7 @@ def test_training_reads_tuned_values_and_debugger(definitions, configs):
 def test_images_follow_config_instance_types(definitions):
     steps = _steps(definitions["real"])
     assert "-gpu-" in steps["TrainModel"]["Arguments"]["AlgorithmSpecification"]["TrainingImage"]
-    assert "pytorch-training:2.6.0-gpu-py312" in steps["TuneHyperparameters"]["Arguments"][
+    assert "pytorch-training:2.8.0-gpu-py312" in steps["TuneHyperparameters"]["Arguments"][
         "TrainingJobDefinition"]["AlgorithmSpecification"]["TrainingImage"]
     assert "pytorch-inference:2.6.0-cpu-py312" in steps["Model-CreateModel"]["Arguments"]["PrimaryContainer"]["Image"]
     bare = _steps(definitions["bare"])

@@ -1,6 +1,7 @@
 """Debugger rules on real smdebug output: a tiny torch run with an smdebug hook."""
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -135,14 +136,17 @@ def test_every_rule_pipeline_yaml_enables_runs_locally():
 
 
 def test_golden_definition_hook_and_rules_on_a_real_training_job(tmp_path):
-    """pipeline.yaml's DebugHookConfig (save_interval 2, as debugger.save_interval writes it)
+    """pipeline.yaml's DebugHookConfig (train.save_interval 2, as the debugger plan writes it)
     as SageMaker hands it to scripts/train_model.py, then every one of its rules: a status
     from real tensors (the hook saved what each rule reads), never Error."""
     from pipeline.sample_data import generate_dataset
     from tests._scripts_helpers import hyperparameter_args, run_script, sagemaker_env
 
     train = next(s for s in json.loads(GOLDEN.read_text())["Steps"] if s["Name"] == "TrainModel")["Arguments"]
-    hook = json.loads(json.dumps(train["DebugHookConfig"]).replace('"save_interval": "500"', '"save_interval": "2"'))
+    # the plan's training cadence (for 13+ steps per epoch) scaled to this 12-step run: every 2nd step
+    hook = json.loads(re.sub(r'"train.save_interval": "\d+"', '"train.save_interval": "2"',
+                             json.dumps(train["DebugHookConfig"])))
+    assert hook["HookParameters"]["train.save_interval"] == "2"
     assert {c["CollectionName"] for c in hook["CollectionConfigurations"]} >= {"gradients", "losses", "relu_input"}
     data = generate_dataset(tmp_path / "data", num_classes=3, per_class=(8, 4, 4), size=32)
     tensors = tmp_path / "tensors"

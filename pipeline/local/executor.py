@@ -159,6 +159,7 @@ class Execution:
         self.definition_sha = hashlib.sha256(json.dumps(definition, sort_keys=True).encode()).hexdigest()
         self.registry = store.root / ".sagemaker"  # the control plane's records: models, endpoints, cache
         self.endpoints: list = []
+        self.missing_metrics: dict[str, str] = {}   # condition step -> why its metric could not be read
         self.t0 = time.monotonic()
         previous = read_json(self.run_dir / "execution.json")
         if (previous and previous.get("PipelineExecutionStatus") in RESUMABLE
@@ -276,7 +277,9 @@ class Execution:
                 self.ctx.execution["CurrentDateTime"] = now_iso()
                 if kind == "Condition":  # record what was compared, not the branches
                     args = {}
-                    rec["Arguments"] = {"Conditions": ex.resolve(step["Arguments"].get("Conditions", []), self.ctx)}
+                    rec["Arguments"] = {"Conditions": self._gate_operands(name, step)}
+                elif kind == "Fail":
+                    args = rec["Arguments"] = self._fail_arguments(name, step)
                 else:
                     args = rec["Arguments"] = ex.resolve(step.get("Arguments", {}), self.ctx)
                 cached = self._cache_lookup(name, step, args)
@@ -314,11 +317,36 @@ class Execution:
         if rec["StepStatus"] == "Succeeded":
             self.ctx.properties[name] = rec["Properties"]
         extra = ""
-        if kind == "Condition":
+        if kind == "Condition" and rec["StepStatus"] == "Succeeded":
             extra = f" -> {'IfSteps' if rec['Properties']['Outcome'] == 'True' else 'ElseSteps'}"
         self.say(f"{name} ({kind}): {rec['StepStatus']}{extra} ({time.monotonic() - t0:.0f}s)"
                  + (f": {rec['FailureReason']}" if rec.get("FailureReason") else ""))
         return rec["StepStatus"]
+
+    # -- a gate metric that was never emitted: the Fail step says so, not a step error
+    def _gate_operands(self, name: str, step: dict) -> list:
+        """The condition's resolved operands. A metric missing from FinalMetricDataList (the
+        script never printed it) takes the Else branch with the reason, recorded as
+        LocalMissingMetric: the definition language has no 'exists' test to say it itself."""
+        conditions = step["Arguments"].get("Conditions", [])
+        try:
+            return ex.resolve(conditions, self.ctx)
+        except ex.ExpressionError as e:
+            if not _missing_metric(e):
+                raise
+            self.missing_metrics[name] = (f"{e}: the training job never emitted this metric (its log has no line "
+                                          f"the metric's regex matches), so the model was not deployed")
+            return conditions
+
+    def _fail_arguments(self, name: str, step: dict) -> dict:
+        try:
+            return ex.resolve(step.get("Arguments", {}), self.ctx)
+        except ex.ExpressionError as e:
+            cond = self.record["Steps"].get(self.flat[name]["condition"] or "", {})
+            reason = cond.get("Properties", {}).get("LocalMissingMetric")
+            if not (_missing_metric(e) and reason):
+                raise
+            return {"ErrorMessage": reason}
 
     # -- caching: same step type + same resolved arguments -> same result
     def _cache_key(self, name: str, step: dict, args: dict) -> str:
@@ -381,6 +409,8 @@ class Execution:
         if kind == "Tuning":
             return self._tuning(name, args)
         if kind == "Condition":
+            if name in self.missing_metrics:
+                return {"Outcome": "False", "LocalMissingMetric": self.missing_metrics[name]}
             outcome = all(ex.evaluate_condition(c, self.ctx) for c in step["Arguments"].get("Conditions", []))
             return {"Outcome": "True" if outcome else "False"}
         if kind == "Fail":
@@ -527,6 +557,9 @@ class Execution:
         container = model["PrimaryContainer"]
         model_path = self.store.path(container["ModelDataUrl"])
         old = read_json(self.registry / "endpoints" / f"{ename}.json")
+        refusal = endpoint_refusal(old, ename, self.registry / "endpoints" / f"{ename}.json")
+        if refusal:
+            raise StepFailed(refusal)
         if old and old.get("LocalPid"):
             _stop_pid(old["LocalPid"])  # UpdateEndpoint: the new model replaces the old one
         log_path = self.step_dir(name) / "endpoint.log"
@@ -536,6 +569,10 @@ class Execution:
         try:
             endpoint.wait_ready(timeout=180)
         except (RuntimeError, TimeoutError) as e:
+            # As on AWS, an endpoint that never came up is Failed (the old model was already stopped)
+            self._put_record("endpoints", ename, {"EndpointName": ename, "EndpointArn": arn("endpoint", ename),
+                                                  "EndpointConfigName": cname, "EndpointStatus": "Failed",
+                                                  "FailureReason": str(e)[:1024], "LastModifiedTime": now_iso()})
             raise StepFailed(f"endpoint did not become InService: {e}") from None
         smoke = _smoke_invoke(endpoint.url)
         self.say(f"  {name}: InService at {endpoint.url} (smoke test: {smoke})")
@@ -554,6 +591,30 @@ class Execution:
                 self.say(f"endpoint kept up at {endpoint.url} (pid {endpoint.pid}); stop it with kill {endpoint.pid}")
             else:
                 endpoint.stop()
+
+
+def _missing_metric(e: Exception) -> bool:
+    """An ExpressionError for a FinalMetricDataList entry the job never reported."""
+    return "FinalMetricDataList" in str(e) and "no element named" in str(e)
+
+
+# EndpointStep on AWS: CreateEndpoint, or UpdateEndpoint when the endpoint exists. UpdateEndpoint
+# refuses an endpoint that is still changing, and one that failed (SageMaker cannot update it:
+# it must be deleted). The local registry answers the same way.
+ENDPOINT_IN_PROGRESS = ("Creating", "Updating", "SystemUpdating", "RollingBack", "Deleting")
+
+
+def endpoint_refusal(old: dict | None, ename: str, record_path) -> str | None:
+    """Why DeployEndpoint cannot create or update endpoint `ename` given its current record, or None."""
+    status = (old or {}).get("EndpointStatus")
+    if status in ENDPOINT_IN_PROGRESS:
+        return (f"ValidationException: Cannot update in-progress endpoint {ename!r} (EndpointStatus {status}): "
+                f"wait until it is InService, then run the pipeline again")
+    if status == "Failed":
+        return (f"ValidationException: endpoint {ename!r} is Failed ({old.get('FailureReason') or 'no reason'}) and "
+                f"cannot be updated: delete it (locally: rm {record_path}; on AWS: run_pipeline.py --cleanup), "
+                f"then run the pipeline again")
+    return None
 
 
 def _stop_pid(pid: int) -> None:
