@@ -406,9 +406,9 @@ def _refused(e: ClientError) -> str:
 
 
 def _setup_failed(e: AwsSetupError | ClientError) -> int:
-    """One line on stderr for a check or a call that AWS refused; exit code 2."""
+    """One line on stderr for a check or a call that AWS refused; exit code 1 (README: exit codes)."""
     print(f"error: {_refused(e) if isinstance(e, ClientError) else e}", file=sys.stderr)
-    return 2
+    return 1
 
 
 def execute(cfg, definition: str, params: list[str], wait: bool, display_name: str | None,

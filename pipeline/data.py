@@ -359,26 +359,23 @@ def prepare_dataset(data_uri: str, source: str | os.PathLike | None = None, url:
 
 
 def prepare_data(cfg, source: str | None, local: bool) -> str:
-    """run_pipeline.py --prepare-data: returns the data URI the pipeline reads."""
+    """run_pipeline.py --prepare-data: returns the data URI the pipeline reads; a DataError
+    (one line and exit 1 in run_pipeline.py) for anything wrong with the data or its place."""
     data = cfg.data
     kwargs = dict(url=data.url or DOGIMAGES_URL,
                   sha256=data.sha256 or DOGIMAGES_SHA256,
                   strict=data.strict,
                   cache_dir=Path(data.cache_dir or DEFAULT_CACHE))
-    try:
-        if local:
-            from pipeline.local.store import LocalStore
-            return prepare_dataset(data.uri, source, store=LocalStore(), **kwargs)
-        import boto3
+    if local:
+        from pipeline.local.store import LocalStore
+        return prepare_dataset(data.uri, source, store=LocalStore(), **kwargs)
+    import boto3
 
-        from pipeline.aws import AwsSetupError, check_bucket, check_credentials, check_region
-        try:
-            session = boto3.Session(region_name=check_region(cfg.aws.region))
-            check_credentials(session)
-            check_bucket(session, split_s3_uri(data.uri)[0], cfg.aws.region)
-        except AwsSetupError as e:  # before the 1 GB download, not after
-            raise DataError(str(e))
-        return prepare_dataset(data.uri, source, s3=session.client("s3"), **kwargs)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2)
+    from pipeline.aws import AwsSetupError, check_bucket, check_credentials, check_region
+    try:
+        session = boto3.Session(region_name=check_region(cfg.aws.region))
+        check_credentials(session)
+        check_bucket(session, split_s3_uri(data.uri)[0], cfg.aws.region)
+    except AwsSetupError as e:  # before the 1 GB download, not after
+        raise DataError(str(e)) from None
+    return prepare_dataset(data.uri, source, s3=session.client("s3"), **kwargs)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import importlib.util
 import inspect
 import io
@@ -38,6 +39,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 
@@ -48,6 +50,10 @@ DRAIN_BYTES = 64 * 1024 * 1024
 UTF8_TYPES = ("application/json", "text/csv")  # the inference toolkit hands these to input_fn as str
 
 log = logging.getLogger("pipeline.serve")
+
+
+class ServeError(ValueError):
+    """A model, archive, address or option the server cannot start with (one line, exit 1)."""
 
 
 # ---------------------------------------------------------------- model archive
@@ -79,9 +85,19 @@ def resolve_model(model: str | os.PathLike, workdir: str | os.PathLike) -> Path:
     path = Path(model)
     if path.is_dir():
         return path.resolve()
-    if path.is_file() and tarfile.is_tarfile(path):
-        return extract_model(path, Path(workdir) / "model")
-    raise FileNotFoundError(f"MODEL {str(model)!r} is neither a model dir nor a model.tar.gz")
+    if not path.exists():
+        raise ServeError(f"MODEL {str(model)!r}: no such file or folder; give a model.tar.gz or a model dir")
+    try:
+        if path.is_file() and tarfile.is_tarfile(path):
+            return extract_model(path, Path(workdir) / "model")
+    except ServeError:
+        raise
+    except ValueError as err:  # extract_model's refusals
+        raise ServeError(str(err)) from None
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as err:  # truncated or corrupt gzip/tar
+        raise ServeError(f"MODEL {str(model)!r}: the archive is truncated or corrupt ({type(err).__name__}: "
+                         f"{' '.join(str(err).split())}); rebuild model.tar.gz") from None
+    raise ServeError(f"MODEL {str(model)!r} is neither a model dir nor a model.tar.gz")
 
 
 # ---------------------------------------------------------------- handlers
@@ -397,7 +413,10 @@ def serve(model: str | os.PathLike, host: str = "127.0.0.1", port: int | None = 
     """Serve MODEL until SIGTERM/SIGINT; returns the exit status (0 after a clean stop)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     if port is None:
-        port = int(os.environ.get("SAGEMAKER_BIND_TO_PORT", DEFAULT_PORT))
+        port = os.environ.get("SAGEMAKER_BIND_TO_PORT", str(DEFAULT_PORT))
+        if not port.isdigit():
+            raise ServeError(f"SAGEMAKER_BIND_TO_PORT={port!r}: not a port number; use 0-65535")
+        port = int(port)
     workdir = tempfile.mkdtemp(prefix="serve-")
     try:
         model_dir = resolve_model(model, workdir)  # a bad archive fails before the slow imports
@@ -406,9 +425,7 @@ def serve(model: str | os.PathLike, host: str = "127.0.0.1", port: int | None = 
 
         # intra-op threads do the forward pass; input decoding runs on a few extra threads
         torch.set_num_threads(threads or int(os.environ.get("OMP_NUM_THREADS", 0)) or os.cpu_count() or 1)
-        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
+        sock = bind_socket(host, port)
         url = f"http://{host}:{sock.getsockname()[1]}"
         server = None
         failed = []
@@ -433,6 +450,21 @@ def serve(model: str | os.PathLike, host: str = "127.0.0.1", port: int | None = 
         return 1 if failed else 0
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening address, or one ServeError line saying why not (port in use, out of range, bad host)."""
+    if not 0 <= port <= 65535:
+        raise ServeError(f"--port {port}: out of range; a port is 0-65535 (0 picks a free one)")
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except (OSError, OverflowError) as err:
+        sock.close()
+        why = "is in use" if getattr(err, "errno", None) == errno.EADDRINUSE else f"cannot be bound ({err})"
+        raise ServeError(f"--host {host} --port {port}: {host}:{port} {why}; pick a free port (0 picks one)") from None
+    return sock
 
 
 def _server_class():
@@ -539,9 +571,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: OMP_NUM_THREADS or CPUs)")
     p.add_argument("--url-file", help="write the server's URL here once bound")
     args = p.parse_args(argv)
-    return serve(args.model, host=args.host, port=args.port, program=args.program, max_batch_size=args.max_batch_size,
-                 max_batch_delay_ms=args.max_batch_delay_ms, timeout_s=args.timeout_s, threads=args.threads,
-                 url_file=args.url_file)
+    try:
+        return serve(args.model, host=args.host, port=args.port, program=args.program,
+                     max_batch_size=args.max_batch_size, max_batch_delay_ms=args.max_batch_delay_ms,
+                     timeout_s=args.timeout_s, threads=args.threads, url_file=args.url_file)
+    except ServeError as err:  # README's policy: one line, exit 1, no traceback
+        print(f"error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -149,7 +149,7 @@ def test_preflight_errors_create_nothing(account, monkeypatch, capsys, setup, cf
         monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
     rc, out = run_execute(make_cfg(**cfg_over))
     err = capsys.readouterr().err
-    assert rc == 2
+    assert rc == 1
     assert message in err, err
     assert err.count("error:") == 1
     assert _no_pipeline_created(sm)
@@ -163,7 +163,7 @@ def test_preflight_errors_create_nothing(account, monkeypatch, capsys, setup, cf
 ])
 def test_bad_params_are_refused_before_any_call(account, capsys, params, message):
     rc, _ = run_execute(make_cfg(), params=params)
-    assert rc == 2
+    assert rc == 1
     assert message in capsys.readouterr().err
     assert _no_pipeline_created(account)
 
@@ -183,7 +183,7 @@ def test_code_is_uploaded_once_and_data_uri_param_is_checked(account):
 
 def test_bad_display_name(account, capsys):
     rc, _ = run_execute(make_cfg(), display_name="my run!")
-    assert rc == 2 and "display name 'my run!' is invalid" in capsys.readouterr().err
+    assert rc == 1 and "display name 'my run!' is invalid" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- wait + failure report, with Stubber
@@ -345,7 +345,7 @@ def test_cleanup_deletes_only_our_tagged_resources(account):
 def test_cleanup_without_credentials(aws_env, monkeypatch, capsys):
     monkeypatch.delenv("AWS_ACCESS_KEY_ID")
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
-    assert aws.cleanup(make_cfg(), assume_yes=True, out=io.StringIO()) == 2
+    assert aws.cleanup(make_cfg(), assume_yes=True, out=io.StringIO()) == 1
     assert "no AWS credentials found" in capsys.readouterr().err
 
 

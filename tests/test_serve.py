@@ -336,7 +336,7 @@ def test_invoke_a_local_url_prints_a_top5_table(endpoint, image_files, capsys):
 def test_invoke_reports_refusals_and_missing_files(endpoint, image_files, capsys):
     assert invoke_mod.invoke(endpoint.url + "/invocations", [str(image_files / "notes.txt")]) == 1
     assert "answered 400" in capsys.readouterr().err
-    assert invoke_mod.invoke(endpoint.url, [str(image_files / "absent.jpg")]) == 2
+    assert invoke_mod.invoke(endpoint.url, [str(image_files / "absent.jpg")]) == 1
     assert "absent.jpg" in capsys.readouterr().err
     assert invoke_mod.invoke(f"http://127.0.0.1:{free_port()}", [str(image_files / "dog.jpg")]) == 1
     assert "cannot reach" in capsys.readouterr().err

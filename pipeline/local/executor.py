@@ -727,8 +727,8 @@ def run_local(cfg, definition_file=None, params=(), run_dir=None, data=None, kee
         record = execute(definition, store=store, run_dir=run_dir, params=list(params or []),
                          pipeline_name=name, keep_endpoint=keep_endpoint)
     except (DefinitionError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     status = record["PipelineExecutionStatus"]
