@@ -290,8 +290,11 @@ def test_a_model_tarball_or_dir_resolves(tmp_path, model_dir, tarball):
     extracted = serve_mod.resolve_model(tarball, tmp_path / "work")
     assert (extracted / "code" / "inference.py").is_file() and (extracted / "model.json").is_file()
     assert serve_mod.resolve_model(model_dir, tmp_path / "unused") == model_dir.resolve()
-    with pytest.raises(FileNotFoundError, match="neither a model dir nor a model.tar.gz"):
+    with pytest.raises(serve_mod.ServeError, match="no such file or folder"):
         serve_mod.resolve_model(tmp_path / "nope.tar.gz", tmp_path / "work2")
+    (tmp_path / "notes.txt").write_text("not an archive")
+    with pytest.raises(serve_mod.ServeError, match="neither a model dir nor a model.tar.gz"):
+        serve_mod.resolve_model(tmp_path / "notes.txt", tmp_path / "work2")
 
 
 def test_missing_program_is_named(model_dir):
