@@ -268,8 +268,10 @@ class MemoryBudget:
     def __init__(self, limit_bytes: int):
         self.limit, self.held = limit_bytes, 0
 
-    def take(self, size: int, what: str) -> int:
-        if self.held and self.held + size > self.limit:
+    def take(self, size: int, what: str, own: int = 0) -> int:
+        """Hold `size` more bytes for a request already holding `own`; a request alone is never
+        refused (inference.py bounds each request), one among others is, past the limit."""
+        if self.held > own and self.held + size > self.limit:
             raise HTTPError(503, f"server busy: {what} ({size // 2**20} MiB) would take the memory held for "
                                  f"requests over the limit of {self.limit // 2**20} MiB (--max-queued-mb); "
                                  f"retry shortly")
@@ -386,7 +388,7 @@ def build_app(model_dir: Path, *, program: str | None = None, max_batch_size: in
             data = await loop.run_in_executor(io_pool, handlers.input, body, content_type)
         finally:
             batcher.arriving -= 1
-        held.append(memory.take(_input_bytes(data), "its decoded images"))
+        held.append(memory.take(_input_bytes(data), "its decoded images", own=sum(held)))
         prediction, meta["batch"] = await batcher.predict(data)
         result = await loop.run_in_executor(io_pool, handlers.output, prediction, accept)
         answer, answer_type = result if isinstance(result, tuple) else (result, accept)

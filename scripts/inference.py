@@ -143,7 +143,7 @@ def _decoded_bytes(mode: str, pixels: int) -> int:
     if mode != "RGB":
         per_pixel += 4                      # the RGB copy
     if mode in _WIDE_MODES:
-        per_pixel += 4 + 1                  # rescaled via float ("F") and 8-bit ("L")
+        per_pixel += 4 + 4 + 1              # rescaled via float ("F", twice) and 8-bit ("L")
     return pixels * per_pixel
 
 

@@ -193,3 +193,224 @@ def test_good_static_hyperparameters_still_pass():
         del doc["tuning"]["ranges"][name]
         doc["training"]["hyperparameters"][name] = value
     parse_config(doc, source="ok.yaml")
+
+
+# ---------------------------------------------------------------- 2, 4, 14: what a request may cost to decode
+
+def _jpeg_segments(data: bytes):
+    """(marker, start, end) of each top-level JPEG segment; a scan includes its entropy-coded data."""
+    i, out = 2, []
+    while i < len(data):
+        marker = data[i + 1]
+        if marker == 0xD9:
+            return out
+        end = i + 2 + int.from_bytes(data[i + 2:i + 4], "big")
+        if marker == 0xDA:
+            while not (data[end] == 0xFF and data[end + 1] not in (0x00, *range(0xD0, 0xD8))):
+                end += 1
+        out.append((marker, i, end))
+        i = end
+    return out
+
+
+def progressive_bomb(side: int = 256, repeats: int = 2000) -> bytes:
+    """A progressive JPEG whose last refinement scan (Ah > 0) repeats `repeats` times: a few
+    bytes each, yet the decoder walks every coefficient block again for each (issue 13's
+    200 KB file was ~48 s of CPU)."""
+    import io
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.new("RGB", (side, side), (120, 80, 40)).save(buf, "JPEG", progressive=True, quality=90)
+    data = buf.getvalue()
+    refinements = [(s, e) for m, s, e in _jpeg_segments(data)
+                   if m == 0xDA and data[s + 5 + 2 * data[s + 4] + 2] >> 4]
+    start, end = refinements[-1]
+    return data[:-2] + data[start:end] * repeats + b"\xff\xd9"
+
+
+@pytest.fixture(scope="module")
+def handlers(tmp_path_factory):
+    from pipeline.serve import Handlers
+    from tests._serve_helpers import make_model_dir
+    model_dir = make_model_dir(tmp_path_factory.mktemp("hostile") / "model")
+    h = Handlers(model_dir, "inference.py")
+    h.load()
+    sys.path.remove(str(model_dir / "code"))
+    for name in ("inference", "modeling"):
+        if str(model_dir) in str(getattr(sys.modules.get(name), "__file__", "")):
+            del sys.modules[name]
+    return h
+
+
+def _refusal(handlers, body: bytes, content_type: str):
+    with pytest.raises(Exception) as exc:
+        handlers.input(body, content_type)
+    err = exc.value
+    assert type(err).__name__ == "InferenceError", repr(err)
+    return err.status_code, str(err)
+
+
+def test_a_progressive_jpeg_with_thousands_of_scans_is_refused_before_decoding(handlers):
+    bomb = progressive_bomb(repeats=3000)
+    assert handlers.module._jpeg_scans(bomb) > 64
+    status, message = _refusal(handlers, bomb, "image/jpeg")
+    assert status == 413 and "INFERENCE_MAX_JPEG_SCANS" in message
+
+
+def test_normal_progressive_and_baseline_photos_pass_the_decode_guards(handlers):
+    import io
+    from PIL import Image
+    for progressive in (True, False):
+        buf = io.BytesIO()
+        Image.new("RGB", (1600, 1200), (90, 60, 30)).save(buf, "JPEG", progressive=progressive)
+        assert handlers.module._jpeg_scans(buf.getvalue()) == (10 if progressive else 1)
+        assert len(handlers.input(buf.getvalue(), "image/jpeg")["images"]) == 1
+
+
+def test_decode_work_is_bounded_per_request(handlers, monkeypatch):
+    # 40 scans of 256x256 is 2.6 M pixel-scans: over a budget of 1 M, under one of 3 M.
+    bomb = progressive_bomb(side=256, repeats=30)
+    monkeypatch.setattr(handlers.module, "MAX_DECODE_WORK", 1_000_000)
+    status, message = _refusal(handlers, bomb, "image/jpeg")
+    assert status == 413 and "INFERENCE_MAX_DECODE_WORK" in message
+    monkeypatch.setattr(handlers.module, "MAX_DECODE_WORK", 3_000_000)
+    handlers.input(bomb, "image/jpeg")
+    from tests._serve_helpers import b64_batch
+    status, message = _refusal(handlers, b64_batch(bomb, bomb), "application/json")  # one budget per request
+    assert status == 413 and "instances[1]" in message
+
+
+@pytest.mark.parametrize("mode, side", [("RGB", 6300), ("I;16", 3000)])
+def test_a_small_png_declaring_megapixels_is_refused_by_decoded_bytes(handlers, mode, side):
+    import io
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.new(mode, (side, side)).save(buf, "PNG")
+    assert len(buf.getvalue()) < 200_000
+    status, message = _refusal(handlers, buf.getvalue(), "image/png")
+    assert status == 413 and "INFERENCE_MAX_DECODED_BYTES" in message
+
+
+def test_many_small_png_bombs_share_one_budget(handlers):
+    import io
+    from PIL import Image
+    from tests._serve_helpers import b64_batch
+    buf = io.BytesIO()
+    Image.new("RGB", (3000, 3000)).save(buf, "PNG")   # 36 MB decoded: alone fine, three are not
+    handlers.input(buf.getvalue(), "image/png")
+    status, message = _refusal(handlers, b64_batch(*[buf.getvalue()] * 3), "application/json")
+    assert status == 413 and "instances[2]" in message and "INFERENCE_MAX_DECODED_BYTES" in message
+
+
+@pytest.mark.parametrize("body", [b"[" * 100_000, b'{"instances": ' + b"[" * 50_000 + b"]" * 50_000 + b"}",
+                                  b'{"a":' * 30_000 + b"1" + b"}" * 30_000])
+def test_deeply_nested_json_is_400(handlers, body):
+    status, message = _refusal(handlers, body, "application/json")
+    assert status == 400 and len(message) < 500
+
+
+# ---------------------------------------------------------------- 2, 3, 4 at the local endpoint
+
+HOSTILE_PROGRAM = '''
+import time
+from inference import input_fn, output_fn, model_fn, predict_fn as _predict_fn
+
+def predict_fn(data, model):
+    if any(image.size == (23, 23) for image in data["images"]):
+        print("holding request in predict_fn", flush=True)
+        time.sleep(3)
+    return _predict_fn(data, model)
+'''
+
+
+@pytest.fixture(scope="module")
+def endpoint(tmp_path_factory):
+    from pipeline import serve as serve_mod
+    from tests._serve_helpers import make_model_dir
+    model_dir = make_model_dir(tmp_path_factory.mktemp("hostile-ep") / "model",
+                               extra_code={"hostile_inference.py": HOSTILE_PROGRAM})
+    ep = serve_mod.launch(model_dir, env={"OMP_NUM_THREADS": "1", "SAGEMAKER_PROGRAM": "hostile_inference.py"},
+                          log_path=tmp_path_factory.mktemp("log") / "endpoint.log", timeout_s=20,
+                          max_queued_mb=2, idle_timeout_s=1, header_timeout_s=1)
+    try:
+        yield ep.wait_ready(120)
+    finally:
+        assert ep.stop() == 0, ep.log_tail()
+
+
+def test_four_decode_bombs_leave_the_endpoint_answering(endpoint):
+    from concurrent.futures import ThreadPoolExecutor
+    from tests._serve_helpers import image_bytes, ping, post
+    bomb = progressive_bomb(side=512, repeats=3000)
+    with ThreadPoolExecutor(5) as pool:
+        bombs = [pool.submit(post, endpoint.url, bomb, "image/jpeg", timeout=15) for _ in range(4)]
+        normal = pool.submit(post, endpoint.url, image_bytes("JPEG"), "image/jpeg", timeout=15)
+        status, answer, _ = normal.result()
+        assert status == 200 and len(answer["top"]) == 5
+        for future in bombs:
+            status, answer, _ = future.result()
+            assert status == 413 and "INFERENCE_MAX_JPEG_SCANS" in answer["error"]
+    assert ping(endpoint.url) == 200
+
+
+def _connect(url: str):
+    import socket
+    from urllib.parse import urlsplit
+    parts = urlsplit(url)
+    sock = socket.create_connection((parts.hostname, parts.port), timeout=15)
+    return sock
+
+
+def _read_all(sock) -> bytes:
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_connections_that_send_nothing_are_closed(endpoint):
+    from tests._serve_helpers import ping
+    idle = [_connect(endpoint.url) for _ in range(20)]
+    try:
+        assert ping(endpoint.url) == 200
+        for sock in idle:   # closed by the server after --idle-timeout-s (1 s): recv sees EOF, not a timeout
+            assert _read_all(sock) == b""
+    finally:
+        for sock in idle:
+            sock.close()
+
+
+def test_request_headers_that_trickle_in_are_answered_408_and_closed(endpoint):
+    import time
+    sock = _connect(endpoint.url)
+    try:
+        sock.sendall(b"POST /invocations HTTP/1.1\r\nHost: x\r\n")
+        for _ in range(3):               # a header line now and then, never the blank line
+            time.sleep(0.5)
+            try:
+                sock.sendall(b"X-Slow: 1\r\n")
+            except OSError:
+                break
+        reply = _read_all(sock)
+    finally:
+        sock.close()
+    assert reply.startswith(b"HTTP/1.1 408") and b"--header-timeout-s" in reply
+
+
+def test_decoded_images_held_by_the_server_are_bounded(endpoint):
+    """A request holding ~1.9 MB of decoded images sits in predict_fn; with --max-queued-mb 2 the
+    next one that would go over is answered 503 at once, and is served once memory is free."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+    from tests._serve_helpers import b64_batch, image_bytes, post
+    holder = b64_batch(image_bytes("PNG", size=(23, 23)), image_bytes("PNG", size=(690, 690)))
+    second = image_bytes("PNG", size=(500, 500))
+    with ThreadPoolExecutor(1) as pool:
+        held = pool.submit(post, endpoint.url, holder, "application/json", timeout=30)
+        deadline = time.monotonic() + 20
+        while "holding request in predict_fn" not in endpoint.log_tail(200) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        status, answer, headers = post(endpoint.url, second, "image/png")
+        assert status == 503 and "--max-queued-mb" in answer["error"] and headers.get("retry-after") == "1"
+        assert held.result()[0] == 200
+    assert post(endpoint.url, second, "image/png")[0] == 200
