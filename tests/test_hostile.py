@@ -414,3 +414,37 @@ def test_decoded_images_held_by_the_server_are_bounded(endpoint):
         assert status == 503 and "--max-queued-mb" in answer["error"] and headers.get("retry-after") == "1"
         assert held.result()[0] == 200
     assert post(endpoint.url, second, "image/png")[0] == 200
+
+
+# ---------------------------------------------------------------- 7: a resumed tuning job
+
+@pytest.mark.parametrize("strategy", ["Random", "Bayesian"])
+def test_a_resumed_tuning_job_neither_repeats_nor_reorders_trials(tmp_path, strategy):
+    """Killed while trial 2 runs, then rerun: trial 2 gets fresh values (it used to get trial 1's),
+    the very values an uninterrupted tuning job gives it."""
+    from pipeline.local.jobs import run_training_job
+    from pipeline.local.tuner import run_tuning_job
+    from tests._local_helpers import DATA_URI, put_toy_code_and_data, toy_definition
+    store = LocalStore(tmp_path / "store")
+    put_toy_code_and_data(store)
+    tune = toy_definition(max_jobs=3, parallel=1, cache=False)["Steps"][0]["Arguments"]
+    tune = json.loads(json.dumps(tune).replace(json.dumps({"Get": "Parameters.TrainingData"}), json.dumps(DATA_URI)))
+    tune["HyperParameterTuningJobConfig"]["Strategy"] = strategy
+
+    def killed_in_trial_2(name, request, *args, **kwargs):
+        if "-002-" in name:
+            raise KeyboardInterrupt
+        return run_training_job(name, request, *args, **kwargs)
+
+    quiet = {"progress": lambda line: None}
+    with pytest.raises(KeyboardInterrupt):
+        run_tuning_job("tune", tune, store, tmp_path / "killed", run_job=killed_in_trial_2, **quiet)
+    run_tuning_job("tune", tune, store, tmp_path / "killed", **quiet)
+    run_tuning_job("tune", tune, store, tmp_path / "whole", **quiet)
+
+    def params(step_dir):
+        return [t["params"] for t in json.loads((step_dir / "trials.json").read_text())]
+
+    resumed = params(tmp_path / "killed")
+    assert len(resumed) == 3 and resumed[1] != resumed[0], resumed
+    assert resumed == params(tmp_path / "whole")
