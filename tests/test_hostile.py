@@ -448,3 +448,64 @@ def test_a_resumed_tuning_job_neither_repeats_nor_reorders_trials(tmp_path, stra
     resumed = params(tmp_path / "killed")
     assert len(resumed) == 3 and resumed[1] != resumed[0], resumed
     assert resumed == params(tmp_path / "whole")
+
+
+# ---------------------------------------------------------------- 8: an endpoint orphaned by a killed run
+
+def _endpoint_definition(model_uri: str) -> dict:
+    return {"Version": "2020-12-01", "Metadata": {}, "Parameters": [], "Steps": [
+        {"Name": "Model", "Type": "Model", "Arguments": {
+            "ExecutionRoleArn": "arn:aws:iam::111111111111:role/x",
+            "PrimaryContainer": {"Image": "inference:latest", "ModelDataUrl": model_uri,
+                                 "Environment": {"SAGEMAKER_PROGRAM": "inference.py"}}}},
+        {"Name": "Config", "Type": "EndpointConfig", "Arguments": {
+            "EndpointConfigName": "hostile-config", "ProductionVariants": [
+                {"ModelName": {"Get": "Steps.Model.ModelName"}, "VariantName": "AllTraffic",
+                 "InitialInstanceCount": 1, "InstanceType": "ml.m5.large"}]}},
+        {"Name": "Endpoint", "Type": "Endpoint", "Arguments": {
+            "EndpointName": "hostile-endpoint", "EndpointConfigName": {"Get": "Steps.Config.EndpointConfigName"}}},
+    ]}
+
+
+def test_a_run_killed_during_the_endpoint_step_leaves_no_server_behind(tmp_path):
+    import signal
+    import time
+    import psutil
+    from pipeline.local.executor import execute
+    from tests._serve_helpers import make_model_dir, make_tarball
+    store = LocalStore(tmp_path / "store")
+    tarball = make_tarball(make_model_dir(tmp_path / "model"), tmp_path / "model.tar.gz")
+    store.put_file("s3://toy-bucket/model/model.tar.gz", tarball)
+    definition = tmp_path / "definition.json"
+    definition.write_text(json.dumps(_endpoint_definition("s3://toy-bucket/model/model.tar.gz")))
+    record = store.root / ".sagemaker" / "endpoints" / "hostile-endpoint.json"
+    script = ("import json, sys\nfrom pipeline.local.executor import execute\nfrom pipeline.local.store import LocalStore\n"
+              "execute(json.load(open(sys.argv[1])), store=LocalStore(sys.argv[2]), run_dir=sys.argv[3], report=False)\n")
+    run = subprocess.Popen([PY, "-c", script, str(definition), str(store.root), str(tmp_path / "run")], cwd=ROOT,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    orphan = None
+    try:
+        deadline = time.monotonic() + 120
+        while orphan is None and time.monotonic() < deadline and run.poll() is None:
+            data = json.loads(record.read_text()) if record.is_file() else {}
+            orphan = data.get("LocalPid") if data.get("EndpointStatus") == "Creating" else None
+            time.sleep(0.05)
+        assert orphan, "the Endpoint step never recorded its server"
+        run.send_signal(signal.SIGKILL)   # no cleanup at all: the server is now an orphan
+        run.wait(30)
+        server = psutil.Process(orphan)
+        assert "pipeline.serve" in " ".join(server.cmdline())
+
+        rec = execute(json.loads(definition.read_text()), store=store, run_dir=tmp_path / "run", report=False,
+                      progress=lambda line: None)
+        assert rec["PipelineExecutionStatus"] == "Succeeded", rec
+        assert not server.is_running() or server.status() == psutil.STATUS_ZOMBIE
+        assert json.loads(record.read_text())["LocalPid"] != orphan
+    finally:
+        if run.poll() is None:
+            run.kill()
+        if orphan and psutil.pid_exists(orphan):
+            try:
+                os.killpg(orphan, signal.SIGKILL)
+            except OSError:
+                pass
