@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+import pipeline.data  # noqa: F401 - imported at collection: its `out=sys.stdout` defaults must not be a test's capsys
 from pipeline.config import ConfigError, load_config, parse_config
 from pipeline.local.store import LocalStore, StoreError
 
@@ -509,3 +510,97 @@ def test_a_run_killed_during_the_endpoint_step_leaves_no_server_behind(tmp_path)
                 os.killpg(orphan, signal.SIGKILL)
             except OSError:
                 pass
+
+
+# ---------------------------------------------------------------- 9: datasets with fewer than 2 classes
+
+def _dataset(root: Path, classes: int, per_split: int = 1) -> Path:
+    import io
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(buf, "JPEG")
+    for split in ("train", "valid", "test"):
+        (root / split).mkdir(parents=True, exist_ok=True)
+        for c in range(classes):
+            folder = root / split / f"{c + 1:03d}.Breed_{c}"
+            folder.mkdir(exist_ok=True)
+            for i in range(per_split):
+                (folder / f"img{i}.jpg").write_bytes(buf.getvalue())
+    return root
+
+
+@pytest.mark.parametrize("mode", [["--local", "--prepare-data"], ["--local", "--execute"]])
+@pytest.mark.parametrize("classes", [0, 1])
+def test_datasets_with_fewer_than_two_classes_replace_nothing(tmp_path, monkeypatch, capsys, mode, classes):
+    import run_pipeline
+    monkeypatch.setenv("DOGBREED_LOCAL_STORE", str(tmp_path / "store"))
+    doc = _config(**{"data.strict": False})
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(doc))
+    store = LocalStore(tmp_path / "store")
+    _dataset(store.path(doc["data"]["uri"]), classes=3)       # the data a run would lose
+    before = sorted(p.relative_to(store.root) for p in store.root.rglob("*"))
+    bad = _dataset(tmp_path / "bad", classes=classes)
+    rc = run_pipeline.main(["--config", str(cfg), *mode, "--data", str(bad), "--run-dir", str(tmp_path / "run")]
+                           if "--execute" in mode else ["--config", str(cfg), *mode, "--data", str(bad)])
+    line = _one_line_error(capsys.readouterr().err)
+    assert rc == 1 and "class folder" in line and "at least 2" in line
+    assert sorted(p.relative_to(store.root) for p in store.root.rglob("*")) == before
+
+
+# ---------------------------------------------------------------- 12: corrupt zip members
+
+def _zip(tmp_path: Path, corrupt: str) -> Path:
+    import zipfile
+    path = tmp_path / f"{corrupt}.zip"
+    files = {f"dogs/{s}/{c:03d}.Breed/img.jpg": bytes(range(256)) * 40 for s in ("train", "valid", "test")
+             for c in (1, 2)}
+    if corrupt == "clash":
+        files["dogs/train/001.Breed"] = b"a file where a folder is"
+    if corrupt == "long name":
+        files["dogs/train/" + "x" * 300 + ".jpg"] = b"x"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in files.items():
+            zf.writestr(name, data)
+        if corrupt == "duplicate":
+            zf.writestr(next(iter(files)), b"again")
+    data = bytearray(path.read_bytes())
+    first = data.find(b"PK\x03\x04")
+    name_len = int.from_bytes(data[first + 26:first + 28], "little")
+    payload = first + 30 + name_len
+    if corrupt == "crc":
+        data[first + 14] ^= 0xFF                       # local header's CRC-32
+        central = data.find(b"PK\x01\x02")
+        data[central + 16] ^= 0xFF                     # and the central directory's
+    elif corrupt == "deflate":
+        data[payload:payload + 8] = b"\xff" * 8        # not a deflate stream
+    elif corrupt == "encrypted":
+        for sig, offset in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
+            at = data.find(sig)
+            data[at + offset] |= 0x01
+    elif corrupt == "method":
+        for sig, offset in ((b"PK\x03\x04", 8), (b"PK\x01\x02", 10)):
+            at = data.find(sig)
+            data[at + offset:at + offset + 2] = (99).to_bytes(2, "little")
+    elif corrupt == "truncated":
+        data = data[:len(data) // 2]
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize("corrupt, words", [
+    ("crc", "cannot be extracted"), ("deflate", "cannot be extracted"), ("encrypted", "encrypted"),
+    ("method", "compression method 99"), ("clash", "both a file and a folder"), ("duplicate", "appears twice"),
+    ("long name", "over 255 bytes"), ("truncated", "not a valid zip"),
+])
+@pytest.mark.filterwarnings("ignore:Duplicate name")
+def test_corrupt_zip_members_are_one_line_and_change_nothing(tmp_path, monkeypatch, capsys, corrupt, words):
+    import run_pipeline
+    monkeypatch.setenv("DOGBREED_LOCAL_STORE", str(tmp_path / "store"))
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(_config(**{"data.strict": False, "data.cache_dir": str(tmp_path / "cache")})))
+    rc = run_pipeline.main(["--config", str(cfg), "--local", "--prepare-data", "--data", str(_zip(tmp_path, corrupt))])
+    line = _one_line_error(capsys.readouterr().err)
+    assert rc == 1 and words in line, line
+    assert not (tmp_path / "store").exists() or not any((tmp_path / "store").rglob("*.jpg"))
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("*.jpg"))
