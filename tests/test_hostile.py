@@ -604,3 +604,144 @@ def test_corrupt_zip_members_are_one_line_and_change_nothing(tmp_path, monkeypat
     assert rc == 1 and words in line, line
     assert not (tmp_path / "store").exists() or not any((tmp_path / "store").rglob("*.jpg"))
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("*.jpg"))
+
+
+# ---------------------------------------------------------------- 12: every entry point, one bad input each
+
+def _run(argv: list[str], tmp_path: Path, env: dict | None = None, timeout: float = 240) -> tuple[int, str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "AWS_EC2_METADATA_DISABLED": "true",
+           "DOGBREED_LOCAL_STORE": str(tmp_path / "store"), **(env or {})}
+    for var in ("AWS_PROFILE", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        env.pop(var, None)
+    env["AWS_SHARED_CREDENTIALS_FILE"] = env["AWS_CONFIG_FILE"] = str(tmp_path / "no-aws-config")
+    proc = subprocess.run([PY, *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return proc.returncode, proc.stderr
+
+
+def _busy_port():
+    import socket
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(1)
+    return sock
+
+
+ENTRY_POINTS = {
+    # name: (argv, what the one line must name); {tmp} is the test's folder
+    "definition, bad config": (["run_pipeline.py", "--config", "{tmp}/bad.yaml", "--definition", "{tmp}/d.json"],
+                               "unknown key"),
+    "prepare-data, missing --data": (["run_pipeline.py", "--config", "pipeline.smoke.yaml", "--local",
+                                      "--prepare-data", "--data", "{tmp}/nope"], "no such file or folder"),
+    "local execute, truncated execution.json": (["run_pipeline.py", "--config", "pipeline.smoke.yaml", "--local",
+                                                 "--execute", "--run-dir", "{tmp}/run"], "execution.json"),
+    "execute on AWS, no credentials": (["run_pipeline.py", "--config", "pipeline.smoke.yaml", "--execute"],
+                                       "credentials"),
+    "cleanup, no credentials": (["run_pipeline.py", "--config", "pipeline.smoke.yaml", "--cleanup", "--yes"],
+                                "credentials"),
+    "serve, missing model": (["run_pipeline.py", "--serve", "{tmp}/nope.tar.gz"], "no such file or folder"),
+    "serve, truncated archive": (["run_pipeline.py", "--serve", "{tmp}/truncated.tar.gz"], "truncated or corrupt"),
+    "serve, refused archive": (["run_pipeline.py", "--serve", "{tmp}/evil.tar.gz"], "outside"),
+    "serve, port out of range": (["run_pipeline.py", "--serve", "{tmp}/model", "--port", "70000"], "out of range"),
+    "serve, port in use": (["run_pipeline.py", "--serve", "{tmp}/model", "--port", "{busy}"], "is in use"),
+    "invoke, missing image": (["run_pipeline.py", "--invoke", "http://127.0.0.1:9", "{tmp}/nope.jpg"],
+                              "no such image file"),
+    "python -m pipeline.serve, missing model": (["-m", "pipeline.serve", "{tmp}/nope"], "no such file or folder"),
+    "python -m pipeline.serve, bad port": (["-m", "pipeline.serve", "{tmp}/model", "--port", "-1"], "out of range"),
+}
+
+
+@pytest.mark.parametrize("name", list(ENTRY_POINTS))
+def test_every_entry_point_answers_bad_input_with_one_line_and_exit_1(tmp_path, name):
+    import io
+    import tarfile
+    from tests._serve_helpers import make_model_dir, make_tarball
+    argv, words = ENTRY_POINTS[name]
+    (tmp_path / "bad.yaml").write_text("pipeline: {name: x}\nfoo: 1\n")
+    if "model" in " ".join(argv) or "archive" in name:
+        make_model_dir(tmp_path / "model")
+        good = make_tarball(tmp_path / "model", tmp_path / "good.tar.gz").read_bytes()
+        (tmp_path / "truncated.tar.gz").write_bytes(good[:len(good) // 2])
+        with tarfile.open(tmp_path / "evil.tar.gz", "w:gz") as tar:
+            info = tarfile.TarInfo("code/link")
+            info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+            tar.addfile(info)
+    if "execution.json" in name:
+        (tmp_path / "run").mkdir()
+        (tmp_path / "run" / "execution.json").write_text('{"PipelineExecutionId": "abc", "Steps": {')
+    busy = _busy_port()
+    try:
+        argv = [a.format(tmp=tmp_path, busy=busy.getsockname()[1]) for a in argv]
+        rc, err = _run(argv, tmp_path)
+    finally:
+        busy.close()
+    line = _one_line_error(err)
+    assert rc == 1 and words in line, (rc, line)
+
+
+def test_usage_errors_exit_2_with_argparse_usage(tmp_path):
+    rc, err = _run(["run_pipeline.py", "--no-such-flag"], tmp_path)
+    assert rc == 2 and "usage:" in err and "Traceback" not in err
+
+
+# ---------------------------------------------------------------- 6, 11, 13: the training scripts' contract
+
+TRAIN_HP = {"arch": "resnet18", "weights": "none", "image-size": 32, "epochs": 1, "freeze-epochs": 0,
+            "patience": 0, "batch-size": 4, "test-batch-size": 4, "lr": 0.01, "num-workers": 0, "seed": 0}
+
+
+def _train(tmp_path: Path, script: str, changes: dict, corrupt: str | None = None, checkpoint: bytes | None = None):
+    from tests._scripts_helpers import hyperparameter_args, sagemaker_env
+    data = _dataset(tmp_path / "data", classes=2, per_split=2)
+    if corrupt:
+        (data / corrupt).write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    hps = {**TRAIN_HP, **changes}
+    env = sagemaker_env(tmp_path, {s: data / s for s in ("train", "valid", "test")}, hps)
+    if checkpoint is not None:
+        (Path(env["SM_CHECKPOINT_DIR"]) / "checkpoint.pt").write_bytes(checkpoint)
+    proc = subprocess.run([PY, str(ROOT / "scripts" / script), *hyperparameter_args(hps)], env=env,
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    failure = Path(env["SM_OUTPUT_DIR"]) / "failure"
+    return proc, (failure.read_text() if failure.is_file() else None), Path(env["SM_MODEL_DIR"])
+
+
+def _assert_refused(proc, failure: str | None, model_dir: Path, *words: str):
+    err_lines = [line for line in proc.stderr.splitlines() if line.startswith("error")]
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert len(err_lines) == 1, proc.stderr[-3000:]
+    assert failure and len(failure.splitlines()) == 1
+    for word in words:
+        assert word in err_lines[0].lower() and word in failure.lower(), (err_lines[0], failure)
+    assert not (model_dir / "model.pth").exists()
+
+
+@TRAIN_BRANCH
+@pytest.mark.parametrize("lr", ["inf", "1e30", "nan"])
+def test_training_that_diverges_fails_and_writes_no_model(tmp_path, lr):
+    proc, failure, model_dir = _train(tmp_path, "train_model.py", {"lr": lr})
+    _assert_refused(proc, failure, model_dir, "lr" if lr in ("inf", "nan") else "non-finite")
+
+
+@TRAIN_BRANCH
+@pytest.mark.parametrize("where", ["train/001.Breed_0/img0.jpg", "test/002.Breed_1/img1.jpg"])
+def test_one_corrupt_image_is_one_line_naming_the_file(tmp_path, where):
+    proc, failure, model_dir = _train(tmp_path, "train_model.py", {}, corrupt=where)
+    _assert_refused(proc, failure, model_dir, Path(where).name)
+
+
+@TRAIN_BRANCH
+@pytest.mark.parametrize("script, changes, word", [
+    ("hpo.py", {"batch-size": "abc"}, "batch-size"),
+    ("train_model.py", {"epochs": "-1"}, "epochs"),
+])
+def test_bad_hyperparameters_exit_1_with_a_failure_file(tmp_path, script, changes, word):
+    proc, failure, model_dir = _train(tmp_path, script, changes)
+    _assert_refused(proc, failure, model_dir, word)
+    assert "usage:" not in proc.stderr
+
+
+@TRAIN_BRANCH
+def test_an_empty_checkpoint_names_the_checkpoint(tmp_path):
+    proc, failure, model_dir = _train(tmp_path, "hpo.py", {}, checkpoint=b"")
+    _assert_refused(proc, failure, model_dir, "checkpoint")
+    assert failure.strip() != "EOFError:"

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pipeline.local import expressions as ex
-from pipeline.local.jobs import JobError, arn, bar, now_iso, read_json, run_training_job, write_json
+from pipeline.local.jobs import JobError, RecordError, arn, bar, now_iso, read_json, run_training_job, write_json
 from pipeline.local.store import LocalStore, REPO_ROOT
 from pipeline.local.tuner import TuningError, run_tuning_job
 from pipeline.params import ParameterError, resolve_parameters
@@ -754,7 +754,7 @@ def run_local(cfg, definition_file=None, params=(), run_dir=None, data=None, kee
         t0 = time.monotonic()
         record = execute(definition, store=store, run_dir=run_dir, params=list(params or []),
                          pipeline_name=name, keep_endpoint=keep_endpoint)
-    except (DefinitionError, FileNotFoundError) as e:
+    except (DefinitionError, RecordError, FileNotFoundError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
