@@ -306,6 +306,18 @@ def _release_to_os() -> None:
         pass
 
 
+def _map_large_allocations(threshold: int = 1 << 20) -> None:
+    """Have glibc mmap every allocation over `threshold` (a decoded image is 16 MB blocks), so
+    that freeing one returns it to the OS at once. By default glibc raises this threshold to
+    32 MB after the first large free, and decoded images then pile up in its arenas while
+    the server is busy."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").mallopt(-3, threshold)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def _input_bytes(data) -> int:
     """Memory a decoded input holds: PIL keeps 4 bytes per pixel for RGB (1 for L); anything
     else (a program with its own input shape) counts its tensors or nothing."""
@@ -414,7 +426,11 @@ def build_app(model_dir: Path, *, program: str | None = None, max_batch_size: in
             data = await loop.run_in_executor(io_pool, handlers.input, body, content_type)
         finally:
             batcher.arriving -= 1
-        memory.take(_input_bytes(data), "its decoded images", held)
+        try:
+            memory.take(_input_bytes(data), "its decoded images", held)
+        except HTTPError:
+            data = None  # the traceback keeps this frame: not its images
+            raise
         prediction, meta["batch"] = await batcher.predict(data)
         result = await loop.run_in_executor(io_pool, handlers.output, prediction, accept)
         answer, answer_type = result if isinstance(result, tuple) else (result, accept)
@@ -504,6 +520,7 @@ def serve(model: str | os.PathLike, host: str = "127.0.0.1", port: int | None = 
     workdir = tempfile.mkdtemp(prefix="serve-")
     try:
         model_dir = resolve_model(model, workdir)  # a bad archive fails before the slow imports
+        _map_large_allocations()
         import torch
         import uvicorn
 
