@@ -300,7 +300,8 @@ def _s3_uri_problem(uri: str) -> str | None:
 
 
 def _fail(source: str, path: str, message: str) -> None:
-    raise ConfigError(f"{source}: {path}: {message}")
+    message = " ".join(message.split())  # one line, and short even when a value is not
+    raise ConfigError(f"{source}: {path}: {message if len(message) <= 1000 else message[:997] + '...'}")
 
 
 def _check(cfg: Config) -> None:

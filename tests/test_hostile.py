@@ -142,6 +142,8 @@ def _alias_bomb(levels: int = 9) -> str:
     ("utf-16", "pipeline: {name: x}\n".encode("utf-16"), "not UTF-8"),
     ("huge integer", "tuning: {max_jobs: " + "9" * 5000 + "}\n", "a value YAML cannot hold"),
     ("unclosed", "tuning: [unclosed\n" + "x" * 10000, "not valid YAML"),
+    ("huge value", "pipeline: {name: [" + "xxxxxxxx," * 15000 + "]}\n", "pipeline.name"),
+    ("huge name", yaml.safe_dump(_config(**{"pipeline.name": "x" * 200_000})), "pipeline.name"),
 ])
 def test_config_files_that_used_to_hang_or_trace(tmp_path, kind, data, message):
     path = _write(tmp_path, data)
@@ -149,7 +151,7 @@ def test_config_files_that_used_to_hang_or_trace(tmp_path, kind, data, message):
         load_config(path)
     text = str(exc.value)
     assert message in text, text[:500]
-    assert str(path) in text and len(text.splitlines()) == 1 and len(text) < 1000, text[:500]
+    assert str(path) in text and len(text.splitlines()) == 1 and len(text) < 1200, text[:500]
 
 
 def test_a_huge_integer_inside_pydantic_limits_is_one_short_line():
