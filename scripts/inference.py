@@ -151,10 +151,14 @@ def _jpeg_scans(raw: bytes) -> int:
     """Start-of-scan markers in a JPEG's top-level marker stream (embedded thumbnails are
     skipped with their segments). Stops counting once over MAX_JPEG_SCANS: the answer is
     then already 'too many'. A malformed stream stops the walk; PIL reports it."""
-    scans, i, n = 0, 2, len(raw)
+    scans, i, n, segments = 0, 2, len(raw), 0
     while i + 4 <= n and scans <= MAX_JPEG_SCANS:
         if raw[i] != 0xFF:
             break
+        segments += 1
+        if segments > 16 * MAX_JPEG_SCANS:  # photos have a few dozen; millions of empty ones cost CPU too
+            raise InferenceError(413, f"JPEG has over {16 * MAX_JPEG_SCANS} marker segments "
+                                      f"(16 x INFERENCE_MAX_JPEG_SCANS); re-save it as a baseline JPEG")
         marker = raw[i + 1]
         if marker == 0xFF:                    # fill byte
             i += 1
@@ -207,7 +211,7 @@ def _decode_image(raw: bytes, what: str, budget: DecodeBudget | int) -> Image.Im
                                       f"(~{decoded // 2**20} MiB): over the limit of {MAX_DECODED_BYTES // 2**20} MiB "
                                       f"of decoded images per request (INFERENCE_MAX_DECODED_BYTES); "
                                       f"send a smaller image or a JPEG")
-        budget.pixels -= width * height
+        budget.pixels -= image.width * image.height  # as decoded (JPEGs at reduced scale)
         budget.work -= work
         budget.bytes -= decoded
         image.load()  # decodes: a truncated file fails here

@@ -777,3 +777,20 @@ def test_memory_goes_back_after_a_burst_of_large_images(endpoint):
     while server.memory_info().rss > before + 150 * 2**20 and time.monotonic() < deadline:
         time.sleep(0.1)
     assert server.memory_info().rss <= before + 150 * 2**20, (before >> 20, server.memory_info().rss >> 20)
+
+
+def test_a_jpeg_of_a_million_empty_segments_is_refused_quickly(handlers):
+    from tests._serve_helpers import image_bytes
+    jpeg = image_bytes("JPEG")
+    padded = jpeg[:2] + b"\xff\xfe\x00\x02" * 1_000_000 + jpeg[2:]   # COM segments of no text
+    status, message = _refusal(handlers, padded, "image/jpeg")
+    assert status == 413 and "marker segments" in message
+
+
+def test_a_json_batch_of_four_12_mp_photos_still_fits_the_pixel_budget(handlers):
+    import io
+    from PIL import Image
+    from tests._serve_helpers import b64_batch
+    buf = io.BytesIO()
+    Image.new("RGB", (4000, 3000), (90, 60, 30)).save(buf, "JPEG")
+    assert len(handlers.input(b64_batch(*[buf.getvalue()] * 4), "application/json")["images"]) == 4
