@@ -23,7 +23,6 @@ import argparse
 import asyncio
 import contextlib
 import errno
-import gc
 import importlib.util
 import inspect
 import io
@@ -289,13 +288,13 @@ class MemoryBudget:
     def trim_if_idle(self) -> None:
         if self.held == 0 and self.released >= TRIM_AFTER_BYTES:
             self.released = 0
-            gc.collect()  # a refused request's images live on in its exception's frames (a cycle)
             _release_to_os()
 
 
 # glibc keeps freed memory of large decoded images in its per-thread arenas (RSS stayed at
-# 3.4 GB after a burst of 40 MP PNGs); give it back when the server goes idle after holding this much.
-TRIM_AFTER_BYTES = 16 * 2**20
+# 3.4 GB after a burst of 40 MP PNGs); give it back when the server goes idle after this much
+# was released (malloc_trim takes about a millisecond).
+TRIM_AFTER_BYTES = 64 * 2**20
 
 
 def _release_to_os() -> None:
@@ -303,18 +302,6 @@ def _release_to_os() -> None:
         import ctypes
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
-
-
-def _map_large_allocations(threshold: int = 1 << 20) -> None:
-    """Have glibc mmap every allocation over `threshold` (a decoded image is 16 MB blocks), so
-    that freeing one returns it to the OS at once. By default glibc raises this threshold to
-    32 MB after the first large free, and decoded images then pile up in its arenas while
-    the server is busy."""
-    try:
-        import ctypes
-        ctypes.CDLL("libc.so.6").mallopt(-3, threshold)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
         pass
 
 
@@ -404,7 +391,7 @@ def build_app(model_dir: Path, *, program: str | None = None, max_batch_size: in
             return await handle_within(request, meta, held)
         finally:  # answered, failed or timed out: the memory is free for the next request
             memory.give(held)
-            if memory.held == 0:  # once the error paths have let go of their frames, too
+            if memory.held == 0 and memory.released >= TRIM_AFTER_BYTES:  # once error paths let go, too
                 asyncio.get_running_loop().call_later(0.05, memory.trim_if_idle)
 
     async def handle_within(request, meta: dict, held: list):
@@ -520,7 +507,6 @@ def serve(model: str | os.PathLike, host: str = "127.0.0.1", port: int | None = 
     workdir = tempfile.mkdtemp(prefix="serve-")
     try:
         model_dir = resolve_model(model, workdir)  # a bad archive fails before the slow imports
-        _map_large_allocations()
         import torch
         import uvicorn
 
