@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import shutil
 import sys
 import tempfile
 import threading
@@ -81,6 +82,7 @@ def main() -> int:
                   "idle_mb": round(idle / 2**20), "peak_mb": round(peak[0] / 2**20), "after_mb": round(after / 2**20)}
     finally:
         endpoint.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
     print(json.dumps(result))
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     return 0
