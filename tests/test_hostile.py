@@ -794,3 +794,49 @@ def test_a_json_batch_of_four_12_mp_photos_still_fits_the_pixel_budget(handlers)
     buf = io.BytesIO()
     Image.new("RGB", (4000, 3000), (90, 60, 30)).save(buf, "JPEG")
     assert len(handlers.input(b64_batch(*[buf.getvalue()] * 4), "application/json")["images"]) == 4
+
+
+# ---------------------------------------------------------------- 2, 4, 14 inside the SageMaker container's toolkit
+
+def test_the_decode_guards_answer_4xx_through_the_inference_toolkit(tmp_path):
+    """The same refusals reach SageMaker: the real sagemaker-inference Transformer (what the PyTorch
+    serving container runs per request) turns them into the same 4xx, before any decoding."""
+    import importlib
+    import io
+    from PIL import Image
+    from sagemaker_inference import transformer as transformer_mod
+    from tests._serve_helpers import make_model_dir
+
+    class Context:
+        def __init__(self, model_dir, content_type):
+            request = type("Request", (), {"get_request_properties": lambda self: {
+                "Content-Type": content_type, "Accept": "application/json"}})()
+            self.system_properties, self.request_processor = {"model_dir": str(model_dir)}, [request]
+            self.status, self.phrase, self.content_type = 200, None, None
+
+        def set_response_status(self, code, phrase):
+            self.status, self.phrase = code, phrase
+
+        def set_response_content_type(self, idx, content_type):
+            self.content_type = content_type
+
+    model_dir = make_model_dir(tmp_path / "model")
+    sys.path.insert(0, str(model_dir / "code"))
+    saved = {name: sys.modules.pop(name) for name in ("inference", "modeling") if name in sys.modules}
+    try:
+        importlib.import_module("inference")
+        transformer = transformer_mod.Transformer()
+        buf = io.BytesIO()
+        Image.new("RGB", (6300, 6300)).save(buf, "PNG")
+        cases = [(progressive_bomb(repeats=3000), "image/jpeg", 413, "INFERENCE_MAX_JPEG_SCANS"),
+                 (buf.getvalue(), "image/png", 413, "INFERENCE_MAX_DECODED_BYTES"),
+                 (b"[" * 100_000, "application/json", 400, "not valid JSON")]
+        for body, content_type, status, words in cases:
+            ctx = Context(model_dir, content_type)
+            (out,) = transformer.transform([{"body": body}], ctx)
+            assert ctx.status == status and words in out.split("\n")[0], (ctx.status, out[:300])
+    finally:
+        sys.path.remove(str(model_dir / "code"))
+        for name in ("inference", "modeling"):
+            sys.modules.pop(name, None)
+        sys.modules.update(saved)
