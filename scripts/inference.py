@@ -147,7 +147,7 @@ def _decoded_bytes(mode: str, pixels: int) -> int:
     return pixels * per_pixel
 
 
-def _jpeg_scans(raw: bytes) -> int:
+def _jpeg_scans(raw: bytes, what: str = "JPEG") -> int:
     """Start-of-scan markers in a JPEG's top-level marker stream (embedded thumbnails are
     skipped with their segments). Stops counting once over MAX_JPEG_SCANS: the answer is
     then already 'too many'. A malformed stream stops the walk; PIL reports it."""
@@ -157,7 +157,7 @@ def _jpeg_scans(raw: bytes) -> int:
             break
         segments += 1
         if segments > 16 * MAX_JPEG_SCANS:  # photos have a few dozen; millions of empty ones cost CPU too
-            raise InferenceError(413, f"JPEG has over {16 * MAX_JPEG_SCANS} marker segments "
+            raise InferenceError(413, f"{what} is a JPEG with over {16 * MAX_JPEG_SCANS} marker segments "
                                       f"(16 x INFERENCE_MAX_JPEG_SCANS); re-save it as a baseline JPEG")
         marker = raw[i + 1]
         if marker == 0xFF:                    # fill byte
@@ -189,7 +189,7 @@ def _decode_image(raw: bytes, what: str, budget: DecodeBudget | int) -> Image.Im
         budget = DecodeBudget(pixels=budget)
     if not raw:
         raise InferenceError(400, f"{what} is empty: send a JPEG or PNG file")
-    scans = _jpeg_scans(raw) if raw[:2] == b"\xff\xd8" else 1
+    scans = _jpeg_scans(raw, what) if raw[:2] == b"\xff\xd8" else 1
     if scans > MAX_JPEG_SCANS:
         raise InferenceError(413, f"{what} is a JPEG with over {MAX_JPEG_SCANS} scans (INFERENCE_MAX_JPEG_SCANS); "
                                   f"photos have at most ~20: re-save it as a baseline JPEG")
