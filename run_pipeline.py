@@ -87,7 +87,8 @@ def one_line(err: BaseException) -> str:
     else:
         text = str(err) or type(err).__name__
     lines = [line.strip(" -") for line in text.splitlines() if line.strip(" -")]
-    text = "; ".join(lines)
+    text = "".join(line if i == 0 else (" " if lines[i - 1].endswith(":") else "; ") + line
+                   for i, line in enumerate(lines))  # "not valid:\n  - a\n  - b" -> "not valid: a; b"
     return "error: " + (text if len(text) <= 2000 else text[:1997] + "...")
 
 
