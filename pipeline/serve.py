@@ -348,7 +348,8 @@ def build_app(model_dir: Path, *, program: str | None = None, max_batch_size: in
             log.error("loading the handlers or model_fn failed, so the endpoint cannot serve %s: %s: %s",
                       model_dir, type(err).__name__, first_line)
             if on_load_failure:
-                on_load_failure()
+                on_load_failure(f"{model_dir}: loading the handlers or model_fn failed: {type(err).__name__}: "
+                                f"{first_line}; see the log above")
             return
         state["batcher"] = Batcher(handlers, max_batch_size, max_batch_delay_ms / 1000)
         state["task"] = asyncio.create_task(state["batcher"].run())
@@ -517,8 +518,8 @@ def serve(model: str | os.PathLike, host: str = "127.0.0.1", port: int | None = 
         server = None
         failed = []
 
-        def on_load_failure():
-            failed.append(True)
+        def on_load_failure(message: str):
+            failed.append(message)
             server.should_exit = True
 
         app = build_app(model_dir, program=program, max_batch_size=max_batch_size,
@@ -537,7 +538,9 @@ def serve(model: str | os.PathLike, host: str = "127.0.0.1", port: int | None = 
             tmp.replace(url_file)
         server.run(sockets=[sock])
         log.info("stopped")
-        return 1 if failed else 0
+        if failed:  # the traceback is in the log; the reason ends it as README's one error line
+            raise ServeError(failed[0])
+        return 0
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 

@@ -840,3 +840,12 @@ def test_the_decode_guards_answer_4xx_through_the_inference_toolkit(tmp_path):
         for name in ("inference", "modeling"):
             sys.modules.pop(name, None)
         sys.modules.update(saved)
+
+
+def test_a_model_that_cannot_load_ends_the_server_log_with_one_error_line(tmp_path):
+    from tests._serve_helpers import make_model_dir
+    model_dir = make_model_dir(tmp_path / "model")
+    (model_dir / "model.pth").write_bytes(b"not a state dict")
+    rc, err = _run(["-m", "pipeline.serve", str(model_dir), "--port", "0"], tmp_path)
+    last = err.strip().splitlines()[-1]
+    assert rc == 1 and last.startswith("error: ") and "model_fn failed" in last and "UnpicklingError" in last, last
