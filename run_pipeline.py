@@ -61,8 +61,54 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Our error types for bad input, setup or a refused run: each is one line and exit 1.
+    (Imported only when something failed, so a quick command stays quick.)"""
+    from pipeline.config import ConfigError
+    from pipeline.data import DataError
+    from pipeline.invoke import InvokeError
+    from pipeline.local.store import StoreError
+    from pipeline.params import ParameterError
+    from pipeline.serve import ServeError
+    errors = [ConfigError, DataError, InvokeError, ParameterError, ServeError, StoreError, OSError]
+    for module, names in (("pipeline.aws", ("AwsSetupError",)),
+                          ("pipeline.local.executor", ("DefinitionError",)),
+                          ("pipeline.local.tuner", ("TuningError",)),
+                          ("pipeline.local.expressions", ("ExpressionError",))):
+        if module in sys.modules:  # only modules that ran can have raised
+            errors += [getattr(sys.modules[module], name) for name in names]
+    return tuple(errors)
+
+
+def one_line(err: BaseException) -> str:
+    """`error: <what>; <what would be valid>` on one line, whatever the error's own layout."""
+    if isinstance(err, OSError) and err.strerror and err.filename:  # not "[Errno 2] No such file..."
+        text = f"{err.filename}: {err.strerror}"
+    else:
+        text = str(err) or type(err).__name__
+    lines = [line.strip(" -") for line in text.splitlines() if line.strip(" -")]
+    text = "".join(line if i == 0 else (" " if lines[i - 1].endswith(":") else "; ") + line
+                   for i, line in enumerate(lines))  # "not valid:\n  - a\n  - b" -> "not valid: a; b"
+    return "error: " + (text if len(text) <= 2000 else text[:1997] + "...")
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The one place where our error types become one line on stderr and exit status 1
+    (README, "Errors and exit codes"); argparse's usage errors exit 2 before this."""
     args = parse_args(argv)
+    try:
+        return run(args)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - ours become one line; anything else is a bug: traceback
+        if not isinstance(err, _user_errors()):
+            raise
+        print(one_line(err), file=sys.stderr)
+        return 1
+
+
+def run(args: argparse.Namespace) -> int:
     if args.serve:
         from pipeline.serve import serve
         return serve(args.serve, host=args.host, port=args.port)
@@ -70,12 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.invoke import invoke
         return invoke(args.invoke[0], args.invoke[1:], raw_json=args.json, region=args.region)
 
-    from pipeline.config import ConfigError, load_config
-    try:
-        cfg = load_config(args.config, region=args.region, role=args.role, bucket=args.bucket)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    from pipeline.config import load_config
+    cfg = load_config(args.config, region=args.region, role=args.role, bucket=args.bucket)
 
     if args.prepare_data:
         from pipeline.data import prepare_data

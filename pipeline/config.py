@@ -8,13 +8,17 @@ AWS_REGION), in that order of precedence over the file.
 """
 from __future__ import annotations
 
+import math
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pipeline.local.store import s3_key_problem
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -258,6 +262,30 @@ _INSTANCE = re.compile(r"^ml\.[a-z0-9]+\.[a-z0-9]+$")
 _DURATION = re.compile(r"^P(?=\d|T\d)(\d+Y)?(\d+M)?(\d+W)?(\d+D)?(T(?=\d)(\d+H)?(\d+M)?(\d+S)?)?$")
 # Flags both training scripts accept besides the tuned ones (scripts/hpo.py, scripts/train_model.py).
 TUNABLE = ("lr", "batch-size", "test-batch-size", "epochs")
+# What each of them may be, tuned or static: (integer?, smallest, largest). A learning rate of
+# 0, inf or NaN trains nothing (or NaN weights); a batch or epoch count below 1 is no run at all.
+DOMAIN = {"lr": (False, 0.0, 10.0), "batch-size": (True, 1, 65536), "test-batch-size": (True, 1, 65536),
+          "epochs": (True, 1, 10000)}
+
+
+def _domain_problem(name: str, value: Any) -> str | None:
+    """Why `value` is no valid --<name> (None if it is, or if `name` has no known domain)."""
+    if name not in DOMAIN:
+        return None
+    integer, lo, hi = DOMAIN[name]
+    what = (f"an integer in [{lo}, {hi}]" if integer else f"a finite number in ({lo:g}, {hi:g}]")
+    if isinstance(value, str):
+        try:
+            value = int(value) if integer else float(value)
+        except ValueError:
+            return what
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return what
+    if integer and not float(value).is_integer():
+        return what
+    if not math.isfinite(value) or value > hi or (value < lo if integer else value <= lo):
+        return what
+    return None
 
 
 def scripts_module(name: str):
@@ -286,8 +314,21 @@ def debugger_rule_names() -> list[str]:
                   if inspect.isfunction(f) and not n.startswith("_") and f.__module__ == builtin_rules.__name__)
 
 
+def _s3_uri_problem(uri: str) -> str | None:
+    """Why `uri` is not s3://<bucket>/<relative key> (None if it is): a key with '//', '.' or '..'
+    would map outside its folder in the local store, and is never what was meant on S3 either."""
+    match = re.match(r"^s3://([^/]*)/(.*)$", uri)
+    if not match:
+        return "not of the form s3://bucket/key"
+    if not _BUCKET.match(match.group(1)):
+        return f"bucket {match.group(1)!r} is not an S3 bucket name"
+    problem = s3_key_problem(match.group(2))
+    return f"key {match.group(2)!r} {problem}" if problem else None
+
+
 def _fail(source: str, path: str, message: str) -> None:
-    raise ConfigError(f"{source}: {path}: {message}")
+    message = " ".join(message.split())  # one line, and short even when a value is not
+    raise ConfigError(f"{source}: {path}: {message if len(message) <= 1000 else message[:997] + '...'}")
 
 
 def _check(cfg: Config) -> None:
@@ -302,13 +343,18 @@ def _check(cfg: Config) -> None:
                                f"(or set SAGEMAKER_ROLE_ARN / --role); got {cfg.aws.role!r}")
     if not _BUCKET.match(cfg.aws.bucket):
         _fail(src, "aws.bucket", f"an S3 bucket name (3-63 chars, lowercase, digits, '.', '-'); got {cfg.aws.bucket!r}")
-    if cfg.aws.prefix.startswith("/") or "//" in cfg.aws.prefix:
-        _fail(src, "aws.prefix", f"a relative S3 key prefix without '//'; got {cfg.aws.prefix!r}")
-    if not re.match(r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]/(.+/)?$", cfg.data.uri):
-        _fail(src, "data.uri", f"an s3://bucket/prefix/ URI ending in '/' (holding train/ valid/ test/); "
-                               f"got {cfg.data.uri!r}")
-    if cfg.training.checkpoint_prefix is not None and not cfg.training.checkpoint_prefix.startswith("s3://"):
-        _fail(src, "training.checkpoint_prefix", f"an s3:// URI; got {cfg.training.checkpoint_prefix!r}")
+    if cfg.aws.prefix.startswith("/") or s3_key_problem(cfg.aws.prefix):
+        _fail(src, "aws.prefix", f"a relative S3 key prefix like 'dogbreed' (no '//', '.' or '..' segments); "
+                                 f"got {cfg.aws.prefix!r}")
+    problem = _s3_uri_problem(cfg.data.uri)
+    if problem or not cfg.data.uri.endswith("/") or cfg.data.uri.count("/") < 4:
+        _fail(src, "data.uri", f"an s3://bucket/prefix/ URI ending in '/' (holding train/ valid/ test/)"
+                               f"{'; ' + problem if problem else ''}; got {cfg.data.uri!r}")
+    if cfg.training.checkpoint_prefix is not None:
+        problem = _s3_uri_problem(cfg.training.checkpoint_prefix)
+        if problem or cfg.training.checkpoint_prefix.rstrip("/").count("/") < 3:
+            _fail(src, "training.checkpoint_prefix", f"an s3://bucket/prefix URI{'; ' + problem if problem else ''}; "
+                                                     f"got {cfg.training.checkpoint_prefix!r}")
 
     for where, inst in (("tuning.instance", cfg.tuning.instance), ("training.instance", cfg.training.instance)):
         if not _INSTANCE.match(inst.type):
@@ -337,6 +383,9 @@ def _check(cfg: Config) -> None:
                 _fail(src, f"{path}.values", "a non-empty list of values")
             if len(set(map(str, r.values))) != len(r.values):
                 _fail(src, f"{path}.values", f"distinct values; got {r.values}")
+            for i, value in enumerate(r.values):
+                if problem := _domain_problem(name, value):
+                    _fail(src, f"{path}.values.{i}", f"{problem}; got {_short_repr(value)}")
         else:
             if r.min >= r.max:
                 _fail(src, f"{path}.min", f"must be less than max ({r.max}); got {r.min}")
@@ -344,6 +393,12 @@ def _check(cfg: Config) -> None:
                 _fail(src, f"{path}.min", f"must be > 0 for {r.scaling} scaling; got {r.min}")
             if r.scaling == "ReverseLogarithmic" and r.max >= 1:
                 _fail(src, f"{path}.max", f"must be < 1 for ReverseLogarithmic scaling; got {r.max}")
+            for bound in ("min", "max"):
+                if problem := _domain_problem(name, getattr(r, bound)):
+                    _fail(src, f"{path}.{bound}", f"{problem}; got {_short_repr(getattr(r, bound))}")
+    for name, value in cfg.training.hyperparameters.items():
+        if problem := _domain_problem(name, value):
+            _fail(src, f"training.hyperparameters.{name}", f"{problem}; got {_short_repr(value)}")
     missing = [n for n in TUNABLE if n not in t.ranges and n not in cfg.training.hyperparameters]
     if missing:
         _fail(src, "tuning.ranges", f"needs a range (or a static training.hyperparameters value) for {missing}")
@@ -444,6 +499,14 @@ def _format_loc(loc: tuple[Any, ...]) -> str:
     return ".".join(parts) or "(top level)"
 
 
+def _short_repr(value: Any, limit: int = 80) -> str:
+    try:
+        text = repr(value)
+    except ValueError:  # an int too long for str()
+        return f"an integer of over {sys.get_int_max_str_digits()} digits"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def _format_error(source: str, err: dict) -> str:
     path = _format_loc(err["loc"])
     kind, msg = err["type"], err["msg"]
@@ -455,7 +518,7 @@ def _format_error(source: str, err: dict) -> str:
         return f"{source}: {path}.type: one of {list(RANGE_TYPES)}; got {err['input'].get('type')!r}"
     if kind == "union_tag_not_found":
         return f"{source}: {path}.type: required, one of {list(RANGE_TYPES)}"
-    return f"{source}: {path}: {msg}; got {err.get('input')!r}"
+    return f"{source}: {path}: {msg}; got {_short_repr(err.get('input'))}"
 
 
 def parse_config(raw: Any, source: str = "<config>", region: str | None = None,
@@ -476,21 +539,106 @@ def parse_config(raw: Any, source: str = "<config>", region: str | None = None,
     try:
         cfg = Config.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError("\n".join(_format_error(source, e) for e in exc.errors())) from None
+        errors = [_format_error(source, e)[len(source) + 2:] for e in exc.errors()]
+        more = f"; and {len(errors) - 10} more" if len(errors) > 10 else ""
+        raise ConfigError(f"{source}: " + "; ".join(errors[:10]) + more) from None
     _check(cfg)
     return cfg
+
+
+# Bounds on the config file itself: pipeline.yaml is ~5 KB with no aliases and depth 5, so
+# these are far above any real config and far below what an alias bomb or a pasted binary needs.
+# Each can be raised by environment (DOGBREED_<NAME>) for a config that truly needs it.
+MAX_CONFIG_BYTES = int(os.environ.get("DOGBREED_MAX_CONFIG_BYTES", 256 * 1024))
+MAX_YAML_ALIASES = int(os.environ.get("DOGBREED_MAX_YAML_ALIASES", 64))    # `*name` references
+MAX_YAML_DEPTH = int(os.environ.get("DOGBREED_MAX_YAML_DEPTH", 32))        # nested mappings/lists
+MAX_YAML_NODES = int(os.environ.get("DOGBREED_MAX_YAML_NODES", 20_000))    # values, aliases expanded
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """SafeLoader that refuses alias bombs and deep nesting while it composes, before any
+    value is built: a 2.6 KB file of nested aliases expands to gigabytes otherwise."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._aliases, self._depth = 0, 0
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            self._aliases += 1
+            if self._aliases > MAX_YAML_ALIASES:
+                raise _LimitError(f"more than {MAX_YAML_ALIASES} YAML aliases (*name) (limit DOGBREED_MAX_YAML_ALIASES); "
+                                  f"write the values out")
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                raise _LimitError(f"nested deeper than {MAX_YAML_DEPTH} levels (limit DOGBREED_MAX_YAML_DEPTH)")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+class _LimitError(Exception):
+    pass
+
+
+def _count_nodes(value: Any, limit: int) -> int:
+    """Values in the document with aliases expanded, counting stops past `limit`."""
+    count, stack = 0, [value]
+    while stack and count <= limit:
+        item = stack.pop()
+        count += 1
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return count
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    """Collapse a message (YAML's are multi-line and quote the input) into one short line."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def read_yaml(path: str | os.PathLike, what: str = "config") -> Any:
+    """Parse a YAML file under the bounds above; every failure is one ConfigError line naming the file."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read {what} ({exc.strerror})") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: over {MAX_CONFIG_BYTES} bytes (limit DOGBREED_MAX_CONFIG_BYTES); "
+                          f"a pipeline config is a few KB of YAML")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}: {data[exc.start:exc.start + 1]!r}); "
+                          f"save the {what} as UTF-8 YAML") from None
+    if "\0" in text:
+        raise ConfigError(f"{path}: holds NUL bytes (a binary or UTF-16 file?); save the {what} as UTF-8 YAML")
+    try:
+        loader = _BoundedLoader(text)
+        try:
+            raw = loader.get_single_data()
+        finally:
+            loader.dispose()
+    except _LimitError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {_one_line(exc)}") from None
+    except (ValueError, TypeError, RecursionError, MemoryError) as exc:  # e.g. an integer of 5,000 digits
+        raise ConfigError(f"{path}: a value YAML cannot hold: {_one_line(exc)}") from None
+    if _count_nodes(raw, MAX_YAML_NODES) > MAX_YAML_NODES:
+        raise ConfigError(f"{path}: more than {MAX_YAML_NODES} values once aliases are expanded "
+                          f"(limit DOGBREED_MAX_YAML_NODES)")
+    return raw
 
 
 def load_config(path: str | os.PathLike, region: str | None = None, role: str | None = None,
                 bucket: str | None = None) -> Config:
     """Read and validate pipeline.yaml; CLI values beat environment beats the file."""
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read config ({exc.strerror})") from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    return parse_config(raw, source=str(path), region=region, role=role, bucket=bucket)
+    return parse_config(read_yaml(path), source=str(path), region=region, role=role, bucket=bucket)

@@ -21,6 +21,7 @@ import time
 import urllib.error
 import urllib.request
 import zipfile
+import zlib
 from pathlib import Path, PurePosixPath
 from typing import TextIO
 
@@ -178,6 +179,14 @@ def _check_member(info: zipfile.ZipInfo, zip_path: Path) -> None:
         raise DataError(f"{zip_path}: refusing member {name!r}: absolute or Windows-style path")
     if ".." in parts:
         raise DataError(f"{zip_path}: refusing member {name!r}: '..' would write outside the target folder")
+    if info.flag_bits & 0x1:
+        raise DataError(f"{zip_path}: refusing member {name!r}: it is encrypted; use an unencrypted zip")
+    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA):
+        raise DataError(f"{zip_path}: refusing member {name!r}: compression method {info.compress_type} is not "
+                        f"supported; use stored or deflated members")
+    if any(len(part.encode()) > 255 for part in parts) or len(name.encode()) > 1024:
+        raise DataError(f"{zip_path}: refusing member {name[:60]!r}...: a name over 255 bytes per folder "
+                        f"(1024 in all) cannot be written here")
     kind = stat.S_IFMT(info.external_attr >> 16)
     if kind not in (0, stat.S_IFREG, stat.S_IFDIR):
         what = "symbolic link" if kind == stat.S_IFLNK else "special file"
@@ -193,8 +202,18 @@ def safe_extract(zip_path: Path, dest: Path, out: TextIO = sys.stdout) -> Path:
         raise DataError(f"{zip_path} is not a valid zip file ({e}); delete it and run again")
     with zf:
         members = zf.infolist()
+        files, folders = set(), set()
         for info in members:
             _check_member(info, zip_path)
+            path = PurePosixPath(info.filename)
+            if not info.is_dir() and str(path) in files:
+                raise DataError(f"{zip_path}: member {info.filename!r} appears twice; a dataset zip holds each "
+                                f"file once")
+            (folders if info.is_dir() else files).add(str(path))
+            folders.update(str(p) for p in path.parents)
+        clash = sorted(files & folders)
+        if clash:
+            raise DataError(f"{zip_path}: {clash[0]!r} is both a file and a folder in the zip; rebuild the zip")
         need = sum(i.file_size for i in members)
         dest.parent.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(dest.parent).free
@@ -210,8 +229,14 @@ def safe_extract(zip_path: Path, dest: Path, out: TextIO = sys.stdout) -> Path:
                     target.mkdir(parents=True, exist_ok=True)
                 else:
                     target.parent.mkdir(parents=True, exist_ok=True)
-                    with zf.open(info) as src, open(target, "wb") as dst:
-                        shutil.copyfileobj(src, dst, CHUNK)
+                    try:
+                        with zf.open(info) as src, open(target, "wb") as dst:
+                            shutil.copyfileobj(src, dst, CHUNK)
+                    except (zipfile.BadZipFile, zlib.error, EOFError, RuntimeError, NotImplementedError,
+                            OSError) as e:  # bad CRC, corrupt deflate stream, truncated, encrypted, ...
+                        raise DataError(f"{zip_path}: member {info.filename!r} cannot be extracted "
+                                        f"({type(e).__name__}: {' '.join(str(e).split())}); the zip is corrupt: "
+                                        f"delete it and download or build it again") from None
                 bar.update(1)
             bar.close()
     return dest
@@ -253,6 +278,10 @@ def verify_dataset(root: Path, strict: bool = True) -> dict[str, dict[str, int]]
         empty = [c for c, n in counts[split].items() if n == 0]
         if empty:
             errors.append(f"{split}/ has empty class folders: {', '.join(empty[:5])}")
+    for split, found in counts.items():
+        if len(found) < 2:  # checked before the store or S3 is touched: nothing is replaced
+            errors.append(f"{split}/ has {len(found)} class folder{'s' * (len(found) != 1)}: a classifier needs "
+                          f"at least 2, each holding images")
     if "train" in counts:
         classes = set(counts["train"])
         for split in counts:
@@ -359,26 +388,23 @@ def prepare_dataset(data_uri: str, source: str | os.PathLike | None = None, url:
 
 
 def prepare_data(cfg, source: str | None, local: bool) -> str:
-    """run_pipeline.py --prepare-data: returns the data URI the pipeline reads."""
+    """run_pipeline.py --prepare-data: returns the data URI the pipeline reads; a DataError
+    (one line and exit 1 in run_pipeline.py) for anything wrong with the data or its place."""
     data = cfg.data
     kwargs = dict(url=data.url or DOGIMAGES_URL,
                   sha256=data.sha256 or DOGIMAGES_SHA256,
                   strict=data.strict,
                   cache_dir=Path(data.cache_dir or DEFAULT_CACHE))
-    try:
-        if local:
-            from pipeline.local.store import LocalStore
-            return prepare_dataset(data.uri, source, store=LocalStore(), **kwargs)
-        import boto3
+    if local:
+        from pipeline.local.store import LocalStore
+        return prepare_dataset(data.uri, source, store=LocalStore(), **kwargs)
+    import boto3
 
-        from pipeline.aws import AwsSetupError, check_bucket, check_credentials, check_region
-        try:
-            session = boto3.Session(region_name=check_region(cfg.aws.region))
-            check_credentials(session)
-            check_bucket(session, split_s3_uri(data.uri)[0], cfg.aws.region)
-        except AwsSetupError as e:  # before the 1 GB download, not after
-            raise DataError(str(e))
-        return prepare_dataset(data.uri, source, s3=session.client("s3"), **kwargs)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2)
+    from pipeline.aws import AwsSetupError, check_bucket, check_credentials, check_region
+    try:
+        session = boto3.Session(region_name=check_region(cfg.aws.region))
+        check_credentials(session)
+        check_bucket(session, split_s3_uri(data.uri)[0], cfg.aws.region)
+    except AwsSetupError as e:  # before the 1 GB download, not after
+        raise DataError(str(e)) from None
+    return prepare_dataset(data.uri, source, s3=session.client("s3"), **kwargs)

@@ -106,12 +106,12 @@ def invoke(target: str, images: list[str], raw_json: bool = False, region: str |
     paths = [Path(p) for p in images]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
-        print(f"--invoke: no such image file: {', '.join(missing)}", file=sys.stderr)
-        return 2
+        print(f"error: --invoke: no such image file: {', '.join(missing)}; give paths of JPEG or PNG files", file=sys.stderr)
+        return 1
     try:
         call = _http_caller(target) if target.startswith(("http://", "https://")) else _sagemaker_caller(target, region)
     except InvokeError as err:
-        print(f"--invoke: {err}", file=sys.stderr)
+        print(f"error: --invoke: {err}", file=sys.stderr)
         return 1
     failures = 0
     for path in paths:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import importlib.util
 import inspect
 import io
@@ -38,6 +39,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 
@@ -45,9 +47,18 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PORT = 8080
 MAX_BODY_BYTES = 6 * 1024 * 1024  # SageMaker real-time endpoints' payload limit
 DRAIN_BYTES = 64 * 1024 * 1024
+# Bounds on what clients can hold: memory of bodies and decoded images in flight, a connection
+# that sends nothing, and a request whose headers trickle in (slowloris).
+DEFAULT_MAX_QUEUED_MB = 256
+DEFAULT_IDLE_TIMEOUT_S = 5.0
+DEFAULT_HEADER_TIMEOUT_S = 10.0
 UTF8_TYPES = ("application/json", "text/csv")  # the inference toolkit hands these to input_fn as str
 
 log = logging.getLogger("pipeline.serve")
+
+
+class ServeError(ValueError):
+    """A model, archive, address or option the server cannot start with (one line, exit 1)."""
 
 
 # ---------------------------------------------------------------- model archive
@@ -79,9 +90,19 @@ def resolve_model(model: str | os.PathLike, workdir: str | os.PathLike) -> Path:
     path = Path(model)
     if path.is_dir():
         return path.resolve()
-    if path.is_file() and tarfile.is_tarfile(path):
-        return extract_model(path, Path(workdir) / "model")
-    raise FileNotFoundError(f"MODEL {str(model)!r} is neither a model dir nor a model.tar.gz")
+    if not path.exists():
+        raise ServeError(f"MODEL {str(model)!r}: no such file or folder; give a model.tar.gz or a model dir")
+    try:
+        if path.is_file() and tarfile.is_tarfile(path):
+            return extract_model(path, Path(workdir) / "model")
+    except ServeError:
+        raise
+    except ValueError as err:  # extract_model's refusals
+        raise ServeError(str(err)) from None
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as err:  # truncated or corrupt gzip/tar
+        raise ServeError(f"MODEL {str(model)!r}: the archive is truncated or corrupt ({type(err).__name__}: "
+                         f"{' '.join(str(err).split())}); rebuild model.tar.gz") from None
+    raise ServeError(f"MODEL {str(model)!r} is neither a model dir nor a model.tar.gz")
 
 
 # ---------------------------------------------------------------- handlers
@@ -220,6 +241,7 @@ class Batcher:
                     f.set_exception(result)
                 else:
                     f.set_result((result, size))
+            batch = results = item = _ = None  # decoded images must not outlive their requests while idle
 
 
 # ---------------------------------------------------------------- HTTP app
@@ -239,9 +261,67 @@ def _error_status(err: BaseException) -> tuple[int, str]:
     return 500, f"internal error in the model's handlers ({type(err).__name__}); see the server log"
 
 
+class MemoryBudget:
+    """Bytes of request bodies and decoded inputs the server holds at once (read, decoded,
+    queued for a batch or in a forward pass). A request that would go over it is answered
+    503 at once rather than queued: many concurrent 40 MP images must not take all memory."""
+
+    def __init__(self, limit_bytes: int):
+        self.limit, self.held, self.released = limit_bytes, 0, 0
+
+    def take(self, size: int, what: str, held: list[int]) -> None:
+        """Count `size` more bytes for a request already holding `held` (appended to it, refused
+        or not: the bytes are in memory until the request ends). A request alone is never
+        refused (inference.py bounds each request); one among others is, past the limit."""
+        others = self.held - sum(held)
+        held.append(size)
+        self.held += size
+        if others > 0 and self.held > self.limit:
+            raise HTTPError(503, f"server busy: {what} ({size / 2**20:.1f} MiB) would take the memory held for "
+                                 f"requests over the limit of {self.limit / 2**20:g} MiB (--max-queued-mb); "
+                                 f"retry shortly")
+
+    def give(self, held: list[int]) -> None:
+        self.held -= sum(held)
+        self.released += sum(held)
+
+    def trim_if_idle(self) -> None:
+        if self.held == 0 and self.released >= TRIM_AFTER_BYTES:
+            self.released = 0
+            _release_to_os()
+
+
+# glibc keeps freed memory of large decoded images in its per-thread arenas (RSS stayed at
+# 3.4 GB after a burst of 40 MP PNGs); give it back when the server goes idle after this much
+# was released (malloc_trim takes about a millisecond).
+TRIM_AFTER_BYTES = 64 * 2**20
+
+
+def _release_to_os() -> None:
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
+def _input_bytes(data) -> int:
+    """Memory a decoded input holds: PIL keeps 4 bytes per pixel for RGB (1 for L); anything
+    else (a program with its own input shape) counts its tensors or nothing."""
+    if not _batchable(data):
+        return 0
+    total = 0
+    for image in data["images"]:
+        if hasattr(image, "width") and hasattr(image, "getbands"):
+            total += image.width * image.height * (1 if image.mode in ("L", "P", "1") else 4)
+        elif hasattr(image, "element_size"):
+            total += image.element_size() * image.nelement()
+    return total
+
+
 def build_app(model_dir: Path, *, program: str | None = None, max_batch_size: int = 8,
               max_batch_delay_ms: float = 5.0, timeout_s: float = 60.0, io_threads: int = 4,
-              default_accept: str | None = None, on_load_failure=None):
+              default_accept: str | None = None, on_load_failure=None, max_queued_mb: float = DEFAULT_MAX_QUEUED_MB):
     from starlette.applications import Starlette
     from starlette.requests import ClientDisconnect
     from starlette.responses import JSONResponse, Response
@@ -250,6 +330,7 @@ def build_app(model_dir: Path, *, program: str | None = None, max_batch_size: in
     default_accept = default_accept or os.environ.get("SAGEMAKER_DEFAULT_INVOCATIONS_ACCEPT", "application/json")
     state = {"ready": False, "batcher": None, "handlers": None}
     io_pool = ThreadPoolExecutor(io_threads, thread_name_prefix="io")
+    memory = MemoryBudget(int(max_queued_mb * 2**20))
 
     def load():
         handlers = Handlers(model_dir, program)
@@ -267,7 +348,8 @@ def build_app(model_dir: Path, *, program: str | None = None, max_batch_size: in
             log.error("loading the handlers or model_fn failed, so the endpoint cannot serve %s: %s: %s",
                       model_dir, type(err).__name__, first_line)
             if on_load_failure:
-                on_load_failure()
+                on_load_failure(f"{model_dir}: loading the handlers or model_fn failed: {type(err).__name__}: "
+                                f"{first_line}; see the log above")
             return
         state["batcher"] = Batcher(handlers, max_batch_size, max_batch_delay_ms / 1000)
         state["task"] = asyncio.create_task(state["batcher"].run())
@@ -305,9 +387,19 @@ def build_app(model_dir: Path, *, program: str | None = None, max_batch_size: in
         return b"".join(chunks)
 
     async def handle(request, meta: dict):
+        held: list[int] = []
+        try:
+            return await handle_within(request, meta, held)
+        finally:  # answered, failed or timed out: the memory is free for the next request
+            memory.give(held)
+            if memory.held == 0 and memory.released >= TRIM_AFTER_BYTES:  # once error paths let go, too
+                asyncio.get_running_loop().call_later(0.05, memory.trim_if_idle)
+
+    async def handle_within(request, meta: dict, held: list):
         loop = asyncio.get_running_loop()
         handlers, batcher = state["handlers"], state["batcher"]
         body = await read_body(request)
+        memory.take(len(body), "the request body", held)
         content_type = request.headers.get("content-type")
         accept = request.headers.get("accept")
         if not accept or accept == "*/*":
@@ -322,6 +414,11 @@ def build_app(model_dir: Path, *, program: str | None = None, max_batch_size: in
             data = await loop.run_in_executor(io_pool, handlers.input, body, content_type)
         finally:
             batcher.arriving -= 1
+        try:
+            memory.take(_input_bytes(data), "its decoded images", held)
+        except HTTPError:
+            data = None  # the traceback keeps this frame: not its images
+            raise
         prediction, meta["batch"] = await batcher.predict(data)
         result = await loop.run_in_executor(io_pool, handlers.output, prediction, accept)
         answer, answer_type = result if isinstance(result, tuple) else (result, accept)
@@ -339,9 +436,10 @@ def build_app(model_dir: Path, *, program: str | None = None, max_batch_size: in
             response = Response(status_code=499)
         except Exception as err:  # noqa: BLE001 - the contract: every failure is a JSON answer
             status, message = _error_status(err)
-            if status >= 500:
+            if status >= 500 and status != 503:
                 log.error("handler error on %s", request.url.path, exc_info=err)
-            response = JSONResponse({"error": message}, status_code=status)
+            response = JSONResponse({"error": message}, status_code=status,
+                                    headers={"Retry-After": "1"} if status == 503 else None)
         return response
 
     async def not_routed(request, exc):
@@ -393,11 +491,20 @@ def _warm_up(handlers: Handlers):
 
 def serve(model: str | os.PathLike, host: str = "127.0.0.1", port: int | None = None, *,
           program: str | None = None, max_batch_size: int = 8, max_batch_delay_ms: float = 5.0,
-          timeout_s: float = 60.0, threads: int | None = None, url_file: str | None = None) -> int:
+          timeout_s: float = 60.0, threads: int | None = None, url_file: str | None = None,
+          max_queued_mb: float = DEFAULT_MAX_QUEUED_MB, idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
+          header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S) -> int:
     """Serve MODEL until SIGTERM/SIGINT; returns the exit status (0 after a clean stop)."""
+    for flag, value in (("--max-queued-mb", max_queued_mb), ("--idle-timeout-s", idle_timeout_s),
+                        ("--header-timeout-s", header_timeout_s), ("--timeout-s", timeout_s)):
+        if not value > 0:
+            raise ServeError(f"{flag} {value}: must be a positive number")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     if port is None:
-        port = int(os.environ.get("SAGEMAKER_BIND_TO_PORT", DEFAULT_PORT))
+        port = os.environ.get("SAGEMAKER_BIND_TO_PORT", str(DEFAULT_PORT))
+        if not port.isdigit():
+            raise ServeError(f"SAGEMAKER_BIND_TO_PORT={port!r}: not a port number; use 0-65535")
+        port = int(port)
     workdir = tempfile.mkdtemp(prefix="serve-")
     try:
         model_dir = resolve_model(model, workdir)  # a bad archive fails before the slow imports
@@ -406,33 +513,101 @@ def serve(model: str | os.PathLike, host: str = "127.0.0.1", port: int | None = 
 
         # intra-op threads do the forward pass; input decoding runs on a few extra threads
         torch.set_num_threads(threads or int(os.environ.get("OMP_NUM_THREADS", 0)) or os.cpu_count() or 1)
-        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
+        sock = bind_socket(host, port)
         url = f"http://{host}:{sock.getsockname()[1]}"
         server = None
         failed = []
 
-        def on_load_failure():
-            failed.append(True)
+        def on_load_failure(message: str):
+            failed.append(message)
             server.should_exit = True
 
         app = build_app(model_dir, program=program, max_batch_size=max_batch_size,
-                        max_batch_delay_ms=max_batch_delay_ms, timeout_s=timeout_s, on_load_failure=on_load_failure)
+                        max_batch_delay_ms=max_batch_delay_ms, timeout_s=timeout_s, on_load_failure=on_load_failure,
+                        max_queued_mb=max_queued_mb)
         config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=30,
-                                limit_concurrency=1000, lifespan="on")
+                                limit_concurrency=1000, lifespan="on", timeout_keep_alive=idle_timeout_s,
+                                http=_protocol_class(idle_timeout_s, header_timeout_s))
         server = _server_class()(config)
-        log.info("serving %s on %s (max_batch_size=%d, max_batch_delay=%gms, timeout=%gs, torch threads=%d)",
-                 model, url, max_batch_size, max_batch_delay_ms, timeout_s, torch.get_num_threads())
+        log.info("serving %s on %s (max_batch_size=%d, max_batch_delay=%gms, timeout=%gs, torch threads=%d, "
+                 "max_queued=%gMB, idle_timeout=%gs, header_timeout=%gs)", model, url, max_batch_size,
+                 max_batch_delay_ms, timeout_s, torch.get_num_threads(), max_queued_mb, idle_timeout_s, header_timeout_s)
         if url_file:
             tmp = Path(url_file + ".tmp")
             tmp.write_text(url)
             tmp.replace(url_file)
         server.run(sockets=[sock])
         log.info("stopped")
-        return 1 if failed else 0
+        if failed:  # the traceback is in the log; the reason ends it as README's one error line
+            raise ServeError(failed[0])
+        return 0
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening address, or one ServeError line saying why not (port in use, out of range, bad host)."""
+    if not 0 <= port <= 65535:
+        raise ServeError(f"--port {port}: out of range; a port is 0-65535 (0 picks a free one)")
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except (OSError, OverflowError) as err:
+        sock.close()
+        why = "is in use" if getattr(err, "errno", None) == errno.EADDRINUSE else f"cannot be bound ({err})"
+        raise ServeError(f"--host {host} --port {port}: {host}:{port} {why}; pick a free port (0 picks one)") from None
+    return sock
+
+
+def _protocol_class(idle_timeout_s: float, header_timeout_s: float):
+    """uvicorn's h11 protocol with two timers it lacks: a connection that sends nothing for
+    idle_timeout_s is closed (uvicorn only times out keep-alive connections after a response),
+    and a request's head must be complete within header_timeout_s of its first byte."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class TimedH11Protocol(H11Protocol):
+        _header_timer = None
+
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self.timeout_keep_alive_task = self.loop.call_later(idle_timeout_s, self._close_idle, "idle")
+
+        def data_received(self, data: bytes) -> None:
+            if self._header_timer is None and (self.cycle is None or self.cycle.response_complete):
+                self._header_timer = self.loop.call_later(header_timeout_s, self._close_idle, "header")
+            super().data_received(data)
+            if self.cycle is not None and not self.cycle.response_complete:  # a request head arrived
+                self._stop_header_timer()
+
+        def on_response_complete(self) -> None:
+            self._stop_header_timer()
+            super().on_response_complete()
+
+        def connection_lost(self, exc) -> None:
+            self._stop_header_timer()
+            super().connection_lost(exc)
+
+        def _stop_header_timer(self):
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _close_idle(self, why: str) -> None:
+            self._header_timer = None
+            if self.transport.is_closing() or (self.cycle is not None and not self.cycle.response_complete):
+                return
+            log.info("closing connection from %s: %s", (self.client or ("-",))[0],
+                     f"nothing sent for {idle_timeout_s:g} s (--idle-timeout-s)" if why == "idle" else
+                     f"request headers incomplete after {header_timeout_s:g} s (--header-timeout-s)")
+            if why == "header":  # the client is mid-request: tell it why (it is never read, so no h11 state)
+                body = (b'{"error": "request headers incomplete after %g s (--header-timeout-s)"}'
+                        % header_timeout_s)
+                self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+                                     b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+            self.transport.close()
+
+    return TimedH11Protocol
 
 
 def _server_class():
@@ -538,10 +713,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout-s", type=float, default=60.0, help="per-request timeout (SageMaker: 60 s)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: OMP_NUM_THREADS or CPUs)")
     p.add_argument("--url-file", help="write the server's URL here once bound")
+    p.add_argument("--max-queued-mb", type=float, default=DEFAULT_MAX_QUEUED_MB,
+                   help="memory for request bodies and decoded images held at once; beyond it 503")
+    p.add_argument("--idle-timeout-s", type=float, default=DEFAULT_IDLE_TIMEOUT_S,
+                   help="close a connection that sends nothing for this long")
+    p.add_argument("--header-timeout-s", type=float, default=DEFAULT_HEADER_TIMEOUT_S,
+                   help="close a connection whose request headers are not complete this long after they start")
     args = p.parse_args(argv)
-    return serve(args.model, host=args.host, port=args.port, program=args.program, max_batch_size=args.max_batch_size,
-                 max_batch_delay_ms=args.max_batch_delay_ms, timeout_s=args.timeout_s, threads=args.threads,
-                 url_file=args.url_file)
+    try:
+        return serve(args.model, host=args.host, port=args.port, program=args.program,
+                     max_batch_size=args.max_batch_size, max_batch_delay_ms=args.max_batch_delay_ms,
+                     timeout_s=args.timeout_s, threads=args.threads, url_file=args.url_file,
+                     max_queued_mb=args.max_queued_mb, idle_timeout_s=args.idle_timeout_s,
+                     header_timeout_s=args.header_timeout_s)
+    except ServeError as err:  # README's policy: one line, exit 1, no traceback
+        print(f"error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

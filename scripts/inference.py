@@ -52,6 +52,16 @@ TOP_K = 5
 # hold gigapixels of one colour). 40 MP = four 10-megapixel photos.
 MAX_PIXELS = int(os.environ.get("INFERENCE_MAX_PIXELS", 40_000_000))
 MAX_INSTANCES = int(os.environ.get("INFERENCE_MAX_INSTANCES", 64))
+# Decode-work guards, per request. A progressive JPEG's decoder walks every coefficient block
+# once per scan, so a 200 KB file repeating one refinement scan thousands of times costs
+# minutes of CPU: work is counted in pixels x scans. Photos have 1 (baseline) to ~20 scans
+# (libjpeg's progressive script has 10), so a 12 MP progressive photo is ~120 M of work.
+MAX_JPEG_SCANS = int(os.environ.get("INFERENCE_MAX_JPEG_SCANS", 64))
+MAX_DECODE_WORK = int(os.environ.get("INFERENCE_MAX_DECODE_WORK", 640_000_000))
+# Memory a request's decoded images may take, with each mode's bytes per pixel and the
+# conversion to RGB: a 39 KB PNG can declare 40 MP of one colour (160 MB decoded). 96 MiB
+# holds a 24 MP RGB PNG; JPEGs decode at reduced size (reduced_decode) and stay far below.
+MAX_DECODED_BYTES = int(os.environ.get("INFERENCE_MAX_DECODED_BYTES", 96 * 2**20))
 # Training's loader decodes JPEGs at a reduced DCT scale (modeling.reduced_decode)
 # while both sides stay >= the resize size; serving must see the same pixels.
 # model_fn sets it: the toolkit and our server call model_fn before any input_fn.
@@ -112,17 +122,100 @@ def _media_type(header: str | None) -> str:
     return (header or "").split(";", 1)[0].strip().lower()
 
 
-def _decode_image(raw: bytes, what: str, pixel_budget: int) -> Image.Image:
+class DecodeBudget:
+    """What one request's images may still cost to decode: pixels, work (pixels x JPEG scans)
+    and decoded bytes. _decode_image charges it before it decodes anything."""
+
+    def __init__(self, pixels: int | None = None, work: int | None = None, decoded_bytes: int | None = None):
+        self.pixels = MAX_PIXELS if pixels is None else pixels
+        self.work = MAX_DECODE_WORK if work is None else work
+        self.bytes = MAX_DECODED_BYTES if decoded_bytes is None else decoded_bytes
+
+
+# Bytes per pixel PIL holds for a mode (multi-band modes take 4), and what _to_rgb adds.
+_MODE_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2, "I": 4, "F": 4}
+_WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "F")
+
+
+def _decoded_bytes(mode: str, pixels: int) -> int:
+    """Peak bytes of decoding an image of this mode and size and converting it to RGB."""
+    per_pixel = _MODE_BYTES.get(mode, 4)
+    if mode != "RGB":
+        per_pixel += 4                      # the RGB copy
+    if mode in _WIDE_MODES:
+        per_pixel += 4 + 4 + 1              # rescaled via float ("F", twice) and 8-bit ("L")
+    return pixels * per_pixel
+
+
+def _jpeg_scans(raw: bytes, what: str = "JPEG") -> int:
+    """Start-of-scan markers in a JPEG's top-level marker stream (embedded thumbnails are
+    skipped with their segments). Stops counting once over MAX_JPEG_SCANS: the answer is
+    then already 'too many'. A malformed stream stops the walk; PIL reports it."""
+    scans, i, n, segments = 0, 2, len(raw), 0
+    while i + 4 <= n and scans <= MAX_JPEG_SCANS:
+        if raw[i] != 0xFF:
+            break
+        segments += 1
+        if segments > 16 * MAX_JPEG_SCANS:  # photos have a few dozen; millions of empty ones cost CPU too
+            raise InferenceError(413, f"{what} is a JPEG with over {16 * MAX_JPEG_SCANS} marker segments "
+                                      f"(16 x INFERENCE_MAX_JPEG_SCANS); re-save it as a baseline JPEG")
+        marker = raw[i + 1]
+        if marker == 0xFF:                    # fill byte
+            i += 1
+            continue
+        if marker == 0xD9:                    # end of image
+            break
+        if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # no length
+            i += 2
+            continue
+        i += 2 + int.from_bytes(raw[i + 2:i + 4], "big")
+        if marker != 0xDA:
+            continue
+        scans += 1
+        while True:                           # entropy-coded data: up to the next real marker
+            i = raw.find(b"\xff", i)
+            if i < 0 or i + 1 >= n:
+                return scans
+            following = raw[i + 1]
+            if following == 0x00 or 0xD0 <= following <= 0xD7 or following == 0xFF:
+                i += 1 if following == 0xFF else 2
+                continue
+            break
+    return scans
+
+
+def _decode_image(raw: bytes, what: str, budget: DecodeBudget | int) -> Image.Image:
+    if isinstance(budget, int):  # a pixel budget alone (the older signature)
+        budget = DecodeBudget(pixels=budget)
     if not raw:
         raise InferenceError(400, f"{what} is empty: send a JPEG or PNG file")
+    scans = _jpeg_scans(raw, what) if raw[:2] == b"\xff\xd8" else 1
+    if scans > MAX_JPEG_SCANS:
+        raise InferenceError(413, f"{what} is a JPEG with over {MAX_JPEG_SCANS} scans (INFERENCE_MAX_JPEG_SCANS); "
+                                  f"photos have at most ~20: re-save it as a baseline JPEG")
     try:
         image = Image.open(io.BytesIO(raw))  # reads the header only
         width, height = image.size
-        if width * height > pixel_budget:
+        if width * height > budget.pixels:
             raise InferenceError(413, f"{what} is {width}x{height} pixels: over the limit of {MAX_PIXELS} "
                                       f"pixels per request (INFERENCE_MAX_PIXELS); send a smaller image")
-        image = ImageOps.exif_transpose(modeling.reduced_decode(image, _decode["min_size"]))
+        work = width * height * max(scans, 1)
+        if work > budget.work:
+            raise InferenceError(413, f"{what} is {width}x{height} pixels in {scans} JPEG scans: decoding it is over "
+                                      f"the limit of {MAX_DECODE_WORK} pixel-scans per request "
+                                      f"(INFERENCE_MAX_DECODE_WORK); send a smaller or baseline JPEG")
+        image = modeling.reduced_decode(image, _decode["min_size"])
+        decoded = _decoded_bytes(image.mode, image.width * image.height)
+        if decoded > budget.bytes:
+            raise InferenceError(413, f"{what} decodes to {image.width}x{image.height} {image.mode} pixels "
+                                      f"(~{decoded // 2**20} MiB): over the limit of {MAX_DECODED_BYTES // 2**20} MiB "
+                                      f"of decoded images per request (INFERENCE_MAX_DECODED_BYTES); "
+                                      f"send a smaller image or a JPEG")
+        budget.pixels -= image.width * image.height  # as decoded (JPEGs at reduced scale)
+        budget.work -= work
+        budget.bytes -= decoded
         image.load()  # decodes: a truncated file fails here
+        ImageOps.exif_transpose(image, in_place=True)  # no copy of a 20 MP image when upright
     except InferenceError:
         raise
     except Image.DecompressionBombError as err:
@@ -141,13 +234,14 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         image = image.convert("F")
         lo, hi = image.getextrema()
         image = image.point(lambda v: (v - lo) * 255.0 / ((hi - lo) or 1.0)).convert("L")
-    return image.convert("RGB")  # same as torchvision's ImageFolder loader used in training
+    # same pixels as torchvision's ImageFolder loader (convert("RGB")), without its copy of RGB images
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def _decode_json(body: bytes | str) -> list[bytes]:
     try:
         payload = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as err:
+    except (ValueError, UnicodeDecodeError, RecursionError) as err:  # RecursionError: '[' nested 100,000 deep
         raise InferenceError(400, f"body is not valid JSON ({err}): send {{\"instances\": [{{\"b64\": \"...\"}}]}}") from err
     instances = payload.get("instances") if isinstance(payload, dict) else None
     if not isinstance(instances, list) or not instances:
@@ -173,14 +267,11 @@ def input_fn(request_body: bytes | str, content_type: str | None) -> dict:
     if media in IMAGE_TYPES:
         if isinstance(request_body, str):  # only if a server decoded it: not an image anyway
             request_body = request_body.encode("utf-8")
-        return {"images": [_decode_image(request_body, "image", MAX_PIXELS)], "batch": False}
+        return {"images": [_decode_image(request_body, "image", DecodeBudget())], "batch": False}
     if media == JSON_TYPE:
-        images, budget = [], MAX_PIXELS
-        for i, raw in enumerate(_decode_json(request_body)):
-            image = _decode_image(raw, f"instances[{i}]", budget)
-            budget -= image.width * image.height
-            images.append(image)
-        return {"images": images, "batch": True}
+        budget = DecodeBudget()  # one for the whole request: _decode_image charges it
+        return {"images": [_decode_image(raw, f"instances[{i}]", budget)
+                           for i, raw in enumerate(_decode_json(request_body))], "batch": True}
     raise InferenceError(415, f"Content-Type {content_type!r} is not supported: send one of {ACCEPTED_INPUTS}")
 
 

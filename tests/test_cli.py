@@ -4,17 +4,17 @@ import pytest
 import run_pipeline
 
 
-def test_a_bad_config_is_one_message_and_exit_2(tmp_path, capsys):
+def test_a_bad_config_is_one_message_and_exit_1(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("pipeline: {name: x}\nfoo: 1\n")
-    assert run_pipeline.main(["--config", str(bad), "--definition", str(tmp_path / "out.json")]) == 2
+    assert run_pipeline.main(["--config", str(bad), "--definition", str(tmp_path / "out.json")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "foo: unknown key" in err and "Traceback" not in err
     assert not (tmp_path / "out.json").exists()
 
 
 def test_a_missing_config_names_the_file(tmp_path, capsys):
-    assert run_pipeline.main(["--config", str(tmp_path / "nope.yaml")]) == 2
+    assert run_pipeline.main(["--config", str(tmp_path / "nope.yaml")]) == 1
     assert "nope.yaml: cannot read config" in capsys.readouterr().err
 
 

@@ -267,10 +267,8 @@ def test_prepare_data_downloads_verifies_and_uploads_to_s3(aws_env, serve, tiny_
 def test_prepare_data_missing_bucket_fails_before_download(aws_env, serve, tiny_zip, capsys):
     srv = serve(tiny_zip)
     cfg = _config(uri="s3://nope-bucket/dogs", url=srv.url)
-    with pytest.raises(SystemExit) as exit_:
+    with pytest.raises(data.DataError, match="S3 bucket 'nope-bucket' does not exist"):
         data.prepare_data(cfg, source=None, local=False)
-    assert exit_.value.code == 2
-    assert "S3 bucket 'nope-bucket' does not exist" in capsys.readouterr().err
     assert srv.ranges == []
 
 

@@ -290,8 +290,11 @@ def test_a_model_tarball_or_dir_resolves(tmp_path, model_dir, tarball):
     extracted = serve_mod.resolve_model(tarball, tmp_path / "work")
     assert (extracted / "code" / "inference.py").is_file() and (extracted / "model.json").is_file()
     assert serve_mod.resolve_model(model_dir, tmp_path / "unused") == model_dir.resolve()
-    with pytest.raises(FileNotFoundError, match="neither a model dir nor a model.tar.gz"):
+    with pytest.raises(serve_mod.ServeError, match="no such file or folder"):
         serve_mod.resolve_model(tmp_path / "nope.tar.gz", tmp_path / "work2")
+    (tmp_path / "notes.txt").write_text("not an archive")
+    with pytest.raises(serve_mod.ServeError, match="neither a model dir nor a model.tar.gz"):
+        serve_mod.resolve_model(tmp_path / "notes.txt", tmp_path / "work2")
 
 
 def test_missing_program_is_named(model_dir):
@@ -336,7 +339,7 @@ def test_invoke_a_local_url_prints_a_top5_table(endpoint, image_files, capsys):
 def test_invoke_reports_refusals_and_missing_files(endpoint, image_files, capsys):
     assert invoke_mod.invoke(endpoint.url + "/invocations", [str(image_files / "notes.txt")]) == 1
     assert "answered 400" in capsys.readouterr().err
-    assert invoke_mod.invoke(endpoint.url, [str(image_files / "absent.jpg")]) == 2
+    assert invoke_mod.invoke(endpoint.url, [str(image_files / "absent.jpg")]) == 1
     assert "absent.jpg" in capsys.readouterr().err
     assert invoke_mod.invoke(f"http://127.0.0.1:{free_port()}", [str(image_files / "dog.jpg")]) == 1
     assert "cannot reach" in capsys.readouterr().err

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pipeline.local import expressions as ex
-from pipeline.local.jobs import JobError, arn, bar, now_iso, read_json, run_training_job, write_json
+from pipeline.local.jobs import JobError, RecordError, arn, bar, now_iso, read_json, run_training_job, write_json
 from pipeline.local.store import LocalStore, REPO_ROOT
 from pipeline.local.tuner import TuningError, run_tuning_job
 from pipeline.params import ParameterError, resolve_parameters
@@ -561,11 +561,18 @@ class Execution:
         if refusal:
             raise StepFailed(refusal)
         if old and old.get("LocalPid"):
-            _stop_pid(old["LocalPid"])  # UpdateEndpoint: the new model replaces the old one
+            # UpdateEndpoint: the new model replaces the old one; or a run killed while this
+            # step waited left its server running (recorded as Creating below): stop it too.
+            _stop_pid(old["LocalPid"], old.get("LocalStartTime"))
         log_path = self.step_dir(name) / "endpoint.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         endpoint = launch(model_path, env=container.get("Environment") or {}, log_path=log_path)
         self.endpoints.append(endpoint)
+        # Recorded before waiting: if this run is killed (SIGKILL, no cleanup) the server lives on
+        # in its own session, and only this record lets the rerun find and stop it.
+        self._put_record("endpoints", ename, {"EndpointName": ename, "EndpointConfigName": cname,
+                                              "EndpointStatus": "Creating", "LocalPid": endpoint.pid,
+                                              "LocalStartTime": _start_time(endpoint.pid), "CreationTime": now_iso()})
         try:
             endpoint.wait_ready(timeout=180)
         except (RuntimeError, TimeoutError) as e:
@@ -581,7 +588,8 @@ class Execution:
                         {"VariantName": v.get("VariantName"), "CurrentInstanceCount": v.get("InitialInstanceCount", 1)}
                         for v in config["ProductionVariants"]],
                     "CreationTime": now_iso(), "LastModifiedTime": now_iso(),
-                    "LocalUrl": endpoint.url, "LocalPid": endpoint.pid, "LocalSmokeTest": smoke}
+                    "LocalUrl": endpoint.url, "LocalPid": endpoint.pid,
+                    "LocalStartTime": _start_time(endpoint.pid), "LocalSmokeTest": smoke}
         self._put_record("endpoints", ename, describe)
         return describe
 
@@ -607,6 +615,10 @@ ENDPOINT_IN_PROGRESS = ("Creating", "Updating", "SystemUpdating", "RollingBack",
 def endpoint_refusal(old: dict | None, ename: str, record_path) -> str | None:
     """Why DeployEndpoint cannot create or update endpoint `ename` given its current record, or None."""
     status = (old or {}).get("EndpointStatus")
+    if status == "Creating" and (old or {}).get("LocalPid"):
+        # Recorded by a local run before it waited for its server, and that run never finished
+        # (killed): nothing is creating it any more. The caller stops the orphaned server.
+        return None
     if status in ENDPOINT_IN_PROGRESS:
         return (f"ValidationException: Cannot update in-progress endpoint {ename!r} (EndpointStatus {status}): "
                 f"wait until it is InService, then run the pipeline again")
@@ -617,15 +629,35 @@ def endpoint_refusal(old: dict | None, ename: str, record_path) -> str | None:
     return None
 
 
-def _stop_pid(pid: int) -> None:
-    """Stop a kept endpoint from an earlier run, only if that pid is still our server (pids get reused)."""
+def _start_time(pid: int) -> float | None:
+    """The process's start time: with the pid, what tells our server from a later process
+    that got the same pid."""
+    import psutil
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None
+
+
+def _stop_pid(pid: int, start_time: float | None = None) -> None:
+    """Stop an endpoint server from an earlier run (kept, or orphaned by a killed run), only if
+    that pid is still our server: same start time (when recorded), `pipeline.serve` in its
+    command line, leader of its own process group (launch starts a new session). The whole
+    group gets SIGTERM (graceful drain), then SIGKILL after 30 s."""
     import psutil
     try:
         proc = psutil.Process(int(pid))
-        if "pipeline.serve" in " ".join(proc.cmdline()):
-            proc.terminate()
+        if start_time is not None and abs(proc.create_time() - float(start_time)) > 0.01:
+            return
+        if "pipeline.serve" not in " ".join(proc.cmdline()) or os.getpgid(proc.pid) != proc.pid:
+            return
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
             proc.wait(30)
-    except (psutil.Error, ValueError):
+        except psutil.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+    except (psutil.Error, ProcessLookupError, PermissionError, ValueError, TypeError):
         pass
 
 
@@ -787,9 +819,9 @@ def run_local(cfg, definition_file=None, params=(), run_dir=None, data=None, kee
         t0 = time.monotonic()
         record = execute(definition, store=store, run_dir=run_dir, params=list(params or []),
                          pipeline_name=name, keep_endpoint=keep_endpoint)
-    except (DefinitionError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (DefinitionError, RecordError, FileNotFoundError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     status = record["PipelineExecutionStatus"]

@@ -53,11 +53,19 @@ def write_json(path: Path, data: Any) -> Path:
     return atomic_write(path, json.dumps(data, indent=1, default=str))
 
 
+class RecordError(ValueError):
+    """A record this runner wrote (execution.json, trials.json, the local registry) that no
+    longer reads as JSON: truncated or edited by hand. Never a traceback: the path and a way out."""
+
+
 def read_json(path: Path, default: Any = None) -> Any:
     try:
         return json.loads(Path(path).read_text())
     except FileNotFoundError:
         return default
+    except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
+        raise RecordError(f"{path}: not a valid JSON record ({type(err).__name__}: {err}); it was truncated or "
+                          f"edited: move it away (for a run dir, or pass another --run-dir) to start afresh") from None
 
 
 def bar(done: int, total: int, width: int = 12) -> str:

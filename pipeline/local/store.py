@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from pipeline.files import atomic_dir, atomic_path, atomic_write
 
@@ -16,13 +16,35 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_ROOT = REPO_ROOT / "runs" / "s3"
 
 
+class StoreError(ValueError):
+    """An S3 URI the local store cannot hold (or would hold outside its root)."""
+
+
 def split_s3_uri(uri: str) -> tuple[str, str]:
     if not isinstance(uri, str) or not uri.startswith("s3://"):
-        raise ValueError(f"expected an s3://bucket/key URI, got {uri!r}")
+        raise StoreError(f"expected an s3://bucket/key URI, got {uri!r}")
     bucket, _, key = uri[len("s3://"):].partition("/")
     if not bucket:
-        raise ValueError(f"S3 URI {uri!r} has no bucket")
+        raise StoreError(f"S3 URI {uri!r} has no bucket")
     return bucket, key
+
+
+def s3_key_problem(key: str) -> str | None:
+    """Why `key` is not a plain relative key (None if it is). A key maps onto a path
+    under the local store, so it must not climb ('..'), stay ('.'), start at '/' or
+    hold empty segments ('a//b'): S3 allows those, a file tree cannot hold them safely.
+    One trailing '/' (a prefix) is fine."""
+    if key == "":
+        return None
+    segments = key[:-1].split("/") if key.endswith("/") else key.split("/")
+    for segment in segments:
+        if segment == "":
+            return "has an empty path segment ('//' or a leading '/')"
+        if segment in (".", ".."):
+            return f"has a {segment!r} path segment"
+        if "\\" in segment or "\0" in segment:
+            return "has a backslash or NUL byte"
+    return None
 
 
 class LocalStore:
@@ -32,10 +54,15 @@ class LocalStore:
     def path(self, uri: str) -> Path:
         """Where `uri` lives on disk. Keys cannot climb out of the store."""
         bucket, key = split_s3_uri(uri)
-        parts = PurePosixPath(key).parts
-        if bucket in ("..", ".") or any(p in ("..",) for p in parts):
-            raise ValueError(f"S3 URI {uri!r} escapes the local store")
-        return self.root.joinpath(bucket, *parts)
+        problem = ("has a bucket name that is a path segment" if bucket in ("..", ".") or "\\" in bucket
+                   else s3_key_problem(key))
+        if problem:
+            raise StoreError(f"S3 URI {uri!r} {problem}: the local store maps keys onto folders under "
+                             f"{self.root}, so a key must be relative segments like 'prefix/name'")
+        path = self.root.joinpath(bucket, *[p for p in key.split("/") if p])
+        if not path.resolve().is_relative_to(self.root):  # e.g. a symlink planted inside the store
+            raise StoreError(f"S3 URI {uri!r} resolves to {path.resolve()}, outside the local store {self.root}")
+        return path
 
     def exists(self, uri: str) -> bool:
         return self.path(uri).exists()
@@ -51,6 +78,9 @@ class LocalStore:
     def put_dir(self, uri: str, source: str | os.PathLike) -> Path:
         """Copy a directory tree under `uri` (a prefix), replacing what was there."""
         dest = self.path(uri.rstrip("/"))
+        if dest.parent == self.root:  # replacing a bucket would take code, models and outputs with it
+            raise StoreError(f"S3 URI {uri!r} is a whole bucket: put a folder under a prefix, like "
+                             f"s3://bucket/prefix/")
         with atomic_dir(dest) as tmp:
             shutil.copytree(source, tmp, dirs_exist_ok=True)
         return dest

@@ -39,9 +39,12 @@ class TuningError(ValueError):
 
 def _num(value: Any, where: str) -> float:
     try:
-        return float(value)
+        number = float(value)
     except (TypeError, ValueError):
         raise TuningError(f"{where}: {value!r} is not a number") from None
+    if not math.isfinite(number):
+        raise TuningError(f"{where}: {value!r} is not a finite number")
+    return number
 
 
 def distributions(ranges: dict) -> dict[str, optuna.distributions.BaseDistribution]:
@@ -85,6 +88,16 @@ def distributions(ranges: dict) -> dict[str, optuna.distributions.BaseDistributi
     if not out:
         raise TuningError("ParameterRanges: no ranges to tune")
     return out
+
+
+def _replay_draws(sampler, dists: dict, count: int) -> None:
+    """Advance a freshly seeded sampler past the draws of `count` finished trials. Without
+    this a resumed search restarts its random stream, and trial 2 gets trial 1's values
+    (Random strategy, and Bayesian's random start-up trials). The draws go to a scratch
+    study, so the real one holds only the finished trials themselves."""
+    scratch = optuna.create_study(sampler=sampler)
+    for _ in range(count):
+        scratch.tell(scratch.ask(dists), state=optuna.trial.TrialState.FAIL)
 
 
 def _reverse_log_names(ranges: dict) -> set[str]:
@@ -153,6 +166,7 @@ def run_tuning_job(
                                                   value=t["objective"] if state.name == "COMPLETE" else None,
                                                   state=state))
     if done:
+        _replay_draws(sampler, dists, len(done))
         progress(f"  resuming: {len(done)}/{max_jobs} trials already finished")
 
     lock = threading.Lock()
