@@ -10,6 +10,17 @@ from tests._serve_helpers import LABELS, image_bytes, make_model_dir, make_tarba
 
 ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
+# inference.py with a predict_fn that crashes on 13x13 images, wrapped as inference.py wraps its own.
+CRASHING_PROGRAM = '''
+from inference import _answering_errors, input_fn, model_fn, output_fn, predict_fn as _predict_fn
+
+@_answering_errors
+def predict_fn(data, model):
+    if any(image.size == (13, 13) for image in data["images"]):
+        raise RuntimeError("secret internal detail")
+    return _predict_fn(data, model)
+'''
+
 
 def _group(pid: int) -> list[str]:
     out = subprocess.run(["ps", "ww", "-o", "pid=,args=", "-g", str(pid)], capture_output=True, text=True).stdout
@@ -18,13 +29,19 @@ def _group(pid: int) -> list[str]:
 
 def test_launch_serves_a_tarball_on_free_ports_and_stop_ends_java_and_workers(tmp_path):
     require_toolkits(java=True)
-    model = make_tarball(make_model_dir(tmp_path / "model"), tmp_path / "model.tar.gz")
-    with serving.launch(model, env=ENV, workdir=tmp_path / "serving") as endpoint:
+    model = make_tarball(make_model_dir(tmp_path / "model", extra_code={"crashing.py": CRASHING_PROGRAM}),
+                         tmp_path / "model.tar.gz")
+    with serving.launch(model, env=ENV, workdir=tmp_path / "serving", program="crashing.py") as endpoint:
         endpoint.wait_ready()
         assert len(set(endpoint.ports.values())) == 5 and 8080 not in endpoint.ports.values()
         assert ping(endpoint.url) == 200
         status, answer, headers = post(endpoint.url, image_bytes(), "image/jpeg")
         assert status == 200 and len(answer["probabilities"]) == len(LABELS)
+        status, answer, headers = post(endpoint.url, image_bytes("PNG", size=(13, 13)), "image/png")
+        assert status == 500 and headers["content-type"] == "application/json"
+        assert answer == {"error": "internal error in the model's handlers (RuntimeError); see the server log"}
+        assert "secret internal detail" in endpoint.log_path.read_text()  # the details go to the log
+        assert post(endpoint.url, image_bytes(), "image/jpeg")[0] == 200
         group = _group(endpoint.pid)
         assert any("org.pytorch.serve.ModelServer" in line for line in group), group
         assert any("model_service_worker" in line for line in group), group
