@@ -201,8 +201,8 @@ def _place_model(model: Path, model_dir: Path) -> None:
 
 def launch(model: str | os.PathLike, port: int = 0, env: dict | None = None, *, workers: int = 1,
            log_path: str | os.PathLike | None = None, workdir: str | os.PathLike | None = None,
-           program: str | None = None, timeout_s: int | None = None, python: str | os.PathLike | None = None,
-           new_session: bool = True) -> Endpoint:
+           program: str | None = None, timeout_s: int | None = None,
+           python: str | os.PathLike | None = None) -> Endpoint:
     """Start the real serving stack on 127.0.0.1 for a model.tar.gz or model dir; returns at once.
     port 0 picks a free port; TorchServe's management, metrics and gRPC ports are always free
     ports picked here. env: extra environment (e.g. SAGEMAKER_PROGRAM, TS_* settings).
@@ -260,7 +260,7 @@ def launch(model: str | os.PathLike, port: int = 0, env: dict | None = None, *, 
     with open(log_path, "ab") as out:
         process = subprocess.Popen([str(python), "-c", LAUNCHER], cwd=workdir, env=run_env,
                                    stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                   start_new_session=new_session)
+                                   start_new_session=True)  # its own process group: stop() ends all of it
     return Endpoint(process, f"http://127.0.0.1:{port}", log_path, workdir, ports, tmp)
 
 
@@ -269,7 +269,7 @@ def serve(model: str | os.PathLike, port: int | None = None, workers: int = 1, p
     if port is None:
         port = int(os.environ.get("SAGEMAKER_BIND_TO_PORT", DEFAULT_PORT))
     try:
-        endpoint = launch(model, port=port, workers=workers, program=program, new_session=False)
+        endpoint = launch(model, port=port, workers=workers, program=program)
     except (RuntimeError, FileNotFoundError, ValueError) as err:
         print(f"error: --serve: {err}", file=sys.stderr)
         return 1
