@@ -26,6 +26,7 @@ ENV_VAR = "SAGEMAKER_TOOLKITS_VENV"
 # What the SageMaker PyTorch training and inference images run (versions on PyPI).
 PACKAGES = (
     "sagemaker-training==5.1.4",
+    "sagemaker-pytorch-training==3.0.0",   # SAGEMAKER_TRAINING_MODULE of the PyTorch training images
     "sagemaker-pytorch-inference==2.0.25",
     "sagemaker-inference==1.10.1",
     "torchserve==0.12.0",
