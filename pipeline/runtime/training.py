@@ -47,8 +47,10 @@ def write_sandbox(base_dir: str | os.PathLike, *, source: str | os.PathLike, ent
     parameters the SDK adds, inputdataconfig, resourceconfig, and the channels under input/data."""
     base = Path(base_dir)
     config, data = base / "input" / "config", base / "input" / "data"
-    config.mkdir(parents=True, exist_ok=True)
-    data.mkdir(parents=True, exist_ok=True)
+    # The platform makes these before the toolkit starts; the toolkit's failure report needs
+    # output/ (when it cannot write output/failure it exits 0, however the script ended).
+    for path in (config, data, base / "model", base / "output" / "data"):
+        path.mkdir(parents=True, exist_ok=True)
     framework = sdk_hyperparameters({"sagemaker_program": entry_point,
                                      "sagemaker_submit_directory": str(Path(source).resolve()),
                                      "sagemaker_region": region, "sagemaker_job_name": job_name})
@@ -77,7 +79,7 @@ def job_venv(path: str | os.PathLike, toolkit_python: str | os.PathLike | None =
     python = path / "bin" / "python"
     if not python.exists():
         subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(path)], check=True)
-    query = "import sysconfig, sys; print(sysconfig.get_paths()['purelib']); print(*sys.path[1:], sep='\\n')"
+    query = "import sys; print(*sys.path[1:], sep='\\n')"
     site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                           check=True, capture_output=True, text=True).stdout.strip()
     below = subprocess.run([str(toolkit_python), "-c", query], check=True, capture_output=True,
