@@ -1,12 +1,16 @@
 """pipeline/runtime/serving.py: the real sagemaker-pytorch-inference + TorchServe stack, started here."""
 import os
+import signal
 import subprocess
+import sys
+import time
 
+import psutil
 import pytest
 
-from pipeline.runtime import serving
+from pipeline.runtime import serving, toolkits
 from tests._runtime_helpers import require_toolkits
-from tests._serve_helpers import LABELS, image_bytes, make_model_dir, make_tarball, ping, post
+from tests._serve_helpers import LABELS, ROOT, image_bytes, make_model_dir, make_tarball, ping, post
 
 ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
@@ -54,3 +58,41 @@ def test_a_missing_model_is_named(tmp_path):
     require_toolkits(java=True)
     with pytest.raises(FileNotFoundError, match="nope.tar.gz"):
         serving.launch(tmp_path / "nope.tar.gz")
+
+
+def test_cli_serve_runtime_sagemaker_answers_and_sigterm_stops_everything(tmp_path):
+    require_toolkits(java=True)
+    model = make_model_dir(tmp_path / "model")
+    port = serving.free_port()
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "run_pipeline.py", "--serve", str(model), "--runtime", "sagemaker",
+                                 "--port", str(port)], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, **ENV})
+    try:
+        deadline = time.monotonic() + 180
+        while f"on http://127.0.0.1:{port}" not in log.read_text() and proc.poll() is None \
+                and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert f"serving {model} on http://127.0.0.1:{port}" in log.read_text(), log.read_text()[-3000:]
+        assert post(f"http://127.0.0.1:{port}", image_bytes(), "image/jpeg")[0] == 200
+        (toolkit,) = psutil.Process(proc.pid).children()  # the toolkit, leading its own process group
+        group = _group(toolkit.pid)
+        assert any("org.pytorch.serve.ModelServer" in line for line in group), group
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0, log.read_text()[-3000:]
+        assert _group(toolkit.pid) == []  # Java and the workers too
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_toolkit_venv_missing_is_named_with_the_command_that_creates_it(tmp_path, monkeypatch):
+    monkeypatch.setenv(toolkits.ENV_VAR, str(tmp_path / "nowhere"))
+    reason = toolkits.missing_reason()
+    assert str(tmp_path / "nowhere") in reason and "python -m pipeline.runtime.toolkits" in reason
+    done = subprocess.run([sys.executable, "-m", "pipeline.runtime.toolkits", "--check"], cwd=ROOT,
+                          capture_output=True, text=True, env={**os.environ, toolkits.ENV_VAR: str(tmp_path / "x")})
+    assert done.returncode == 1 and done.stderr.startswith("error: ") and len(done.stderr.splitlines()) == 1
+    with pytest.raises(RuntimeError, match="pipeline.runtime.toolkits"):
+        serving.launch(tmp_path / "model.tar.gz")

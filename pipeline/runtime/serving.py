@@ -268,19 +268,14 @@ def serve(model: str | os.PathLike, port: int | None = None, workers: int = 1, p
     """Foreground: start, say where, run until SIGINT/SIGTERM, then stop the whole stack."""
     if port is None:
         port = int(os.environ.get("SAGEMAKER_BIND_TO_PORT", DEFAULT_PORT))
-    try:
-        endpoint = launch(model, port=port, workers=workers, program=program)
-    except (RuntimeError, FileNotFoundError, ValueError) as err:
-        print(f"error: --serve: {err}", file=sys.stderr)
-        return 1
-    stopping = []
 
     def _stop(signo, frame):
-        stopping.append(signo)
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGTERM, _stop)  # before launch: a SIGTERM never leaves TorchServe behind
+    endpoint = None
     try:
+        endpoint = launch(model, port=port, workers=workers, program=program)
         print(f"starting the SageMaker serving stack (TorchServe) for {model}; log {endpoint.log_path}", flush=True)
         endpoint.wait_ready()
         print(f"serving {model} on {endpoint.url} (POST /invocations, GET /ping); Ctrl-C stops", flush=True)
@@ -291,11 +286,13 @@ def serve(model: str | os.PathLike, port: int | None = None, workers: int = 1, p
         return 1
     except KeyboardInterrupt:
         return 0
-    except (RuntimeError, TimeoutError) as err:
-        print(f"error: --serve: {str(err).splitlines()[0]}; log {endpoint.log_path}", file=sys.stderr)
+    except (RuntimeError, TimeoutError, FileNotFoundError, ValueError) as err:
+        where = f"; log {endpoint.log_path}" if endpoint else ""
+        print(f"error: --serve: {str(err).splitlines()[0]}{where}", file=sys.stderr)
         return 1
     finally:
-        endpoint.stop()
+        if endpoint is not None:
+            endpoint.stop()
 
 
 def main(argv: list[str] | None = None) -> int:
