@@ -82,9 +82,19 @@ def test_cli_serve_runtime_sagemaker_answers_and_sigterm_stops_everything(tmp_pa
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0, log.read_text()[-3000:]
         assert _group(toolkit.pid) == []  # Java and the workers too
-    finally:
+    finally:  # whatever failed above, nothing of the stack outlives the test
+        leaders = psutil.Process(proc.pid).children() if proc.poll() is None else []
         if proc.poll() is None:
-            proc.kill()
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        for leader in leaders:  # the toolkit leads its own process group (Java, workers)
+            try:
+                os.killpg(leader.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def test_toolkit_venv_missing_is_named_with_the_command_that_creates_it(tmp_path, monkeypatch):

@@ -26,6 +26,7 @@ Three things differ from the image, all so that several servers can share one ho
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import signal
@@ -121,7 +122,6 @@ class Endpoint:
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{self.ports['management']}/models/model",
                                         timeout=5) as reply:
-                import json
                 workers = json.loads(reply.read())[0].get("workers", [])
                 return any(w.get("status") == "READY" for w in workers)
         except (urllib.error.URLError, OSError, ValueError, IndexError, KeyError):
@@ -166,7 +166,9 @@ class Endpoint:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        # the extracted model and TorchServe's model store; the log stays for reading
+        for path in (self.tmp, self.workdir / "ml", self.workdir / ".sagemaker"):
+            shutil.rmtree(path, ignore_errors=True)
         return self.process.returncode
 
     def __enter__(self):
@@ -211,11 +213,9 @@ def launch(model: str | os.PathLike, port: int = 0, env: dict | None = None, *, 
     reason = java_missing()
     if reason:
         raise RuntimeError(reason)
+    if python is None and toolkits.missing_reason():
+        raise RuntimeError(toolkits.missing_reason())
     python = Path(python) if python else toolkits.venv_python()
-    if not python:
-        raise RuntimeError(toolkits.missing_reason())
-    if python == toolkits.venv_python() and toolkits.missing_reason():
-        raise RuntimeError(toolkits.missing_reason())
     workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="sagemaker-serving-"))
     workdir.mkdir(parents=True, exist_ok=True)
     base = workdir / "ml"
