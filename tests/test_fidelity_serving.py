@@ -8,7 +8,9 @@ from __future__ import annotations
 import http.client
 import io
 import json
+import urllib.error
 import urllib.parse
+import urllib.request
 
 import pytest
 import torch
@@ -151,3 +153,17 @@ def test_oversize_bodies_are_refused_by_the_front_door_not_the_container(real, l
     else:
         assert (status, answer) == (413, b"")
     assert send(real.url, IMAGES[0], "image/jpeg")[0] == 200
+
+
+def test_other_routes_are_404_on_both_though_torchserve_words_it_its_own_way(real, local):
+    """SageMaker's front door only sends GET /ping and POST /invocations; other paths are 404 on
+    both, in TorchServe's words on the real stack (README: Fidelity)."""
+    for endpoint in (real, local):
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(endpoint.url + "/predict", timeout=30)
+        assert err.value.code == 404
+        body = err.value.read()
+        assert b"ResourceNotFoundException" in body if endpoint is real else b"POST /invocations" in body
+    for endpoint in (real, local):
+        with urllib.request.urlopen(endpoint.url + "/ping", timeout=30) as reply:
+            assert reply.status == 200
