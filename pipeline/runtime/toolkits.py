@@ -77,7 +77,9 @@ def ensure(path: Path | None = None, quiet: bool = False) -> Path:
                           check=True, capture_output=True, text=True).stdout.strip()
     # Appended after the venv's own site-packages: its protobuf wins, torch comes from the project.
     Path(site, "_project_site_packages.pth").write_text(base_site + "\n")
-    cmd = [str(venv_python(path)), "-m", "pip", "install", "--disable-pip-version-check"]
+    # --no-warn-conflicts: pip would report the project's protobuf==3.20.3 pin, which this venv
+    # overrides on purpose (the toolkit's protobuf comes first on its sys.path)
+    cmd = [str(venv_python(path)), "-m", "pip", "install", "--disable-pip-version-check", "--no-warn-conflicts"]
     subprocess.run(cmd + (["-q"] if quiet else []) + list(PACKAGES), check=True)
     (path / STAMP).write_text(_wanted(base_site) + "\n")
     return venv_python(path)
@@ -92,7 +94,12 @@ def main(argv: list[str] | None = None) -> int:
         reason = missing_reason()
         print(f"error: {reason}" if reason else venv_python(), file=sys.stderr if reason else sys.stdout)
         return 1 if reason else 0
-    print(ensure(quiet=args.quiet))
+    try:
+        print(ensure(quiet=args.quiet))
+    except subprocess.CalledProcessError as err:
+        print(f"error: {venv_dir()}: `{' '.join(map(str, err.cmd))[:200]}` failed with exit {err.returncode} "
+              f"(pip's message is above); rerun `{CREATE_COMMAND}` once PyPI is reachable", file=sys.stderr)
+        return 1
     return 0
 
 
