@@ -578,7 +578,7 @@ def _stop_pid(pid: int) -> None:
         elif "sagemaker_pytorch_serving_container" in command and os.getpgid(proc.pid) == proc.pid:
             os.killpg(proc.pid, signal.SIGTERM)  # the toolkit, TorchServe's Java process and its workers
             proc.wait(30)
-    except (psutil.Error, ValueError):
+    except (psutil.Error, ValueError, OSError):
         pass
 
 
