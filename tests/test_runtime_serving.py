@@ -44,7 +44,11 @@ def test_launch_serves_a_tarball_on_free_ports_and_stop_ends_java_and_workers(tm
         status, answer, headers = post(endpoint.url, image_bytes("PNG", size=(13, 13)), "image/png")
         assert status == 500 and headers["content-type"] == "application/json"
         assert answer == {"error": "internal error in the model's handlers (RuntimeError); see the server log"}
-        assert "secret internal detail" in endpoint.log_path.read_text()  # the details go to the log
+        for _ in range(100):  # the details go to the log (the worker's lines pass through Java: soon, not at once)
+            if "secret internal detail" in endpoint.log_path.read_text():
+                break
+            time.sleep(0.1)
+        assert "secret internal detail" in endpoint.log_path.read_text()
         assert post(endpoint.url, image_bytes(), "image/jpeg")[0] == 200
         group = _group(endpoint.pid)
         assert any("org.pytorch.serve.ModelServer" in line for line in group), group
