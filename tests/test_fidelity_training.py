@@ -130,6 +130,12 @@ def _protobuf(jobs) -> str:
                           capture_output=True, text=True, check=True).stdout.strip()
 
 
+def _pip_check(jobs) -> list[str]:
+    """`pip check` in the jobs' interpreter: one line per unmet requirement of an installed package."""
+    done = subprocess.run([str(jobs["python"]), "-m", "pip", "check"], capture_output=True, text=True)
+    return done.stdout.splitlines()
+
+
 def test_train_model_then_a_trial_under_the_real_toolkit(jobs):
     protobuf_before = _protobuf(jobs)
     assert int(protobuf_before.split(".")[0]) >= 5  # what sagemaker-training 5.x needs (>= 5.28.1)
@@ -149,6 +155,8 @@ def test_train_model_then_a_trial_under_the_real_toolkit(jobs):
     assert any((base / "output" / "tensors").rglob("*.tfevents"))  # smdebug ran on the toolkit's protobuf
     assert metrics.parse_metrics(done.stdout)["test accuracy"]
     assert _protobuf(jobs) == protobuf_before  # the toolkit's own dependencies are intact ...
+    broken = [line for line in _pip_check(jobs) if line.startswith(("sagemaker-training", "sagemaker-pytorch"))]
+    assert broken == []
 
     base, done = _run(jobs, "trial-1", "hpo.py", "tune.tar.gz", trial_hyperparameters())
     assert done.returncode == 0, done.stdout[-5000:]  # ... and it runs the next job

@@ -31,6 +31,8 @@ PACKAGES = (
     "sagemaker-inference==1.10.1",
     "torchserve==0.12.0",
     "torch-model-archiver==0.12.0",
+    # as the images resolve it: sagemaker-training wants >= 5.28.1, the images' sagemaker<3 SDK < 7
+    "protobuf>=5.28.1,<7",
 )
 STAMP = ".toolkits-installed"
 CREATE_COMMAND = f"{Path(sys.executable).name} -m pipeline.runtime.toolkits"
