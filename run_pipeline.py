@@ -63,6 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--invoke needs a TARGET and at least one IMAGE")
     if args.local and not args.execute and not args.prepare_data:
         p.error("--local goes with --execute or --prepare-data")
+    if args.runtime != "local" and not (args.serve or (args.local and args.execute)):
+        p.error("--runtime goes with --serve or --local --execute (on AWS the endpoint is SageMaker's own)")
     return args
 
 
