@@ -52,6 +52,11 @@ def test_launch_serves_a_tarball_on_free_ports_and_stop_ends_java_and_workers(tm
         assert post(endpoint.url, image_bytes(), "image/jpeg")[0] == 200
         group = _group(endpoint.pid)
         assert any("org.pytorch.serve.ModelServer" in line for line in group), group
+        pids = {int(line.split()[0]) for line in group}
+        listening = {(c.laddr.ip, c.laddr.port) for c in psutil.net_connections("inet")
+                     if c.status == psutil.CONN_LISTEN and c.pid in pids}
+        assert {port for _, port in listening} == set(endpoint.ports.values())  # no fixed 8080/8082/7070/7071
+        assert all(ip in ("127.0.0.1", "::ffff:127.0.0.1") for ip, _ in listening), listening
         assert any("model_service_worker" in line for line in group), group
     assert _group(endpoint.pid) == []
     with pytest.raises(OSError):
