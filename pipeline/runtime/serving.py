@@ -26,6 +26,7 @@ Three things differ from the image, all so that several servers can share one ho
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -152,14 +153,14 @@ class Endpoint:
         """SIGTERM to the process group (the toolkit forwards it to TorchServe, which stops its
         workers), SIGKILL to whatever is left after timeout; the toolkit process's exit status."""
         if self._group_alive():
-            with _suppress(ProcessLookupError):
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.process.pid, signal.SIGTERM)
             deadline = time.monotonic() + timeout
             while self._group_alive() and time.monotonic() < deadline:
                 self.process.poll()  # reap the leader so that it stops counting
                 time.sleep(0.1)
             if self._group_alive():
-                with _suppress(ProcessLookupError):
+                with contextlib.suppress(ProcessLookupError):
                     os.killpg(self.process.pid, signal.SIGKILL)
         try:
             self.process.wait(timeout)
@@ -176,17 +177,6 @@ class Endpoint:
 
     def __exit__(self, *exc):
         self.stop()
-
-
-class _suppress:
-    def __init__(self, *errors):
-        self.errors = errors
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, value, tb):
-        return kind is not None and issubclass(kind, self.errors)
 
 
 def _place_model(model: Path, model_dir: Path) -> None:
