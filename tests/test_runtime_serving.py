@@ -63,6 +63,15 @@ def test_launch_serves_a_tarball_on_free_ports_and_stop_ends_java_and_workers(tm
         ping(endpoint.url)
 
 
+def test_a_model_that_cannot_load_is_reported_not_waited_for(tmp_path):
+    require_toolkits(java=True)
+    model = make_model_dir(tmp_path / "model")
+    (model / "model.pth").write_bytes(b"not a state dict")
+    with serving.launch(model, env=ENV, workdir=tmp_path / "serving") as endpoint:
+        with pytest.raises(RuntimeError, match="failed to load 2 times .*UnpicklingError"):
+            endpoint.wait_ready(load_attempts=2)
+
+
 def test_a_missing_model_is_named(tmp_path):
     require_toolkits(java=True)
     with pytest.raises(FileNotFoundError, match="nope.tar.gz"):

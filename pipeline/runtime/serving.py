@@ -29,6 +29,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -128,7 +129,19 @@ class Endpoint:
         except (urllib.error.URLError, OSError, ValueError, IndexError, KeyError):
             return False
 
-    def wait_ready(self, timeout: float = 180.0) -> "Endpoint":
+    def _load_failure(self, attempts: int) -> str | None:
+        """TorchServe retries a worker whose model_fn (or handler import) fails, forever, with
+        backoff; after `attempts` failures: the worker's last exception line."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return None
+        if text.count("Load model failed: model") < attempts:
+            return None
+        errors = re.findall(r"MODEL_LOG - ([\w.]*(?:Error|Exception)\b.*)", text)
+        return errors[-1] if errors else "the worker died while loading the model"
+
+    def wait_ready(self, timeout: float = 180.0, load_attempts: int = 3) -> "Endpoint":
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -136,6 +149,10 @@ class Endpoint:
                                    f"before it was ready; log {self.log_path}:\n{self.log_tail()}")
             if self._ping() == 200 and self._model_ready():
                 return self
+            failure = self._load_failure(load_attempts)
+            if failure:
+                raise RuntimeError(f"the model's TorchServe worker failed to load {load_attempts} times "
+                                   f"(model_fn or importing the handlers): {failure[:500]}; log {self.log_path}")
             time.sleep(0.2)
         raise TimeoutError(f"the SageMaker serving stack was not ready after {timeout:g} s; "
                            f"log {self.log_path}:\n{self.log_tail()}")
