@@ -90,7 +90,7 @@ def export_model_dir(model_dir: str | os.PathLike, test_images: list[Path], load
         import onnx  # noqa: F401  the TorchScript-based exporter needs it to write the file
         import onnxruntime
     except ImportError as err:
-        raise ExportSkipped(f"{err.name} is not installed (pip install onnx onnxruntime; "
+        raise ExportSkipped(f"{err.name or err} is not installed (pip install onnx onnxruntime; "
                             f"scripts/requirements.txt does)") from err
     net, meta = modeling.load_model(model_dir, device="cpu")
     start = time.perf_counter()
