@@ -125,12 +125,15 @@ def model_fn(model_dir: str) -> dict:
     if net is None:
         net, meta = modeling.load_model(model_dir, device=device)
         net = net.to(memory_format=torch.channels_last).eval()
+    runtime = getattr(net, "runtime", "torch")
+    print(f"model_fn: {model_dir}: {'model.onnx with ONNX Runtime' if runtime != 'torch' else 'model.pth with PyTorch'}"
+          f" on {device}, {torch.get_num_threads()} threads", flush=True)
     labels = list(meta.get("labels") or [modeling.breed_label(c) for c in meta["classes"]])
     _decode["min_size"] = int(meta["resize_size"])
     return {"net": net, "meta": meta, "labels": labels, "transform": modeling.eval_transform(
         int(meta["resize_size"]), int(meta["image_size"]), meta.get("mean", modeling.IMAGENET_MEAN),
         meta.get("std", modeling.IMAGENET_STD)), "device": device,
-        "runtime": getattr(net, "runtime", "torch")}
+        "runtime": runtime}
 
 
 def _media_type(header: str | None) -> str:
