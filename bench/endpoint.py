@@ -31,6 +31,7 @@ import io
 import json
 import os
 import platform
+import re
 import shutil
 import statistics
 import sys
@@ -172,9 +173,17 @@ class RawForward:
 
 
 def post(conn: http.client.HTTPConnection, body: bytes) -> tuple[int, bytes]:
-    conn.request("POST", "/invocations", body, {"Content-Type": "image/jpeg", "Accept": "application/json"})
-    reply = conn.getresponse()
-    return reply.status, reply.read()
+    """One request; a keep-alive connection the server closed while idle (uvicorn: after 5 s,
+    e.g. while the other servers had their turn) is reopened once (loopback: ~0.1 ms)."""
+    for attempt in (1, 2):
+        try:
+            conn.request("POST", "/invocations", body, {"Content-Type": "image/jpeg", "Accept": "application/json"})
+            reply = conn.getresponse()
+            return reply.status, reply.read()
+        except (BrokenPipeError, ConnectionResetError, http.client.RemoteDisconnected):
+            conn.close()
+            if attempt == 2:
+                raise
 
 
 def connect(url: str) -> http.client.HTTPConnection:
@@ -218,18 +227,15 @@ def summarise(runs: list[dict], clients: int) -> dict:
             "throughput_rps_best_round": max(per_round), "throughput_rps_median_round": statistics.median(per_round)}
 
 
-def tree_rss_mb(pid: int) -> float:
-    """Resident memory of a server's whole process tree (TorchServe: Java + every worker)."""
-    try:
-        root = psutil.Process(pid)
-        processes = [root] + root.children(recursive=True)
-    except psutil.NoSuchProcess:
-        return float("nan")
+def group_rss_mb(pgid: int) -> float:
+    """Resident memory of a server's whole process group (TorchServe: the toolkit's python,
+    Java and every worker; Java is not the launcher's child, so the group, not the tree)."""
     total = 0
-    for process in processes:
+    for process in psutil.process_iter():
         try:
-            total += process.memory_info().rss
-        except psutil.NoSuchProcess:
+            if os.getpgid(process.pid) == pgid:
+                total += process.memory_info().rss
+        except (psutil.NoSuchProcess, ProcessLookupError, PermissionError):
             pass
     return total / 2**20
 
@@ -269,7 +275,7 @@ def measure(servers: dict, raws: dict, body: bytes, rounds: int, per_round: int,
     for name, s in servers.items():
         out["servers"][name] = {"one_client": summarise(singles[name], 1),
                                 f"{clients}_clients": summarise(bursts[name], clients),
-                                "rss_mb": round(tree_rss_mb(s.pid), 1)}
+                                "rss_mb": round(group_rss_mb(s.pid), 1)}
     return out
 
 
@@ -288,19 +294,33 @@ def start_servers(specs: dict, log_dir: Path) -> dict:
     started = {}
     try:
         for name, (kind, archive, env) in specs.items():
-            log = log_dir / f"{name.replace(' ', '_').replace(',', '')}.log"
+            slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")  # TorchServe splits model paths on ","
+            log = log_dir / f"{slug}.log"
             if kind == "local":
                 started[name] = serve.launch(archive, log_path=log, env=env, threads=2, max_batch_size=8,
                                              max_batch_delay_ms=5.0)
             else:
-                started[name] = serving.launch(archive, env=env, log_path=log, workdir=log_dir / name.replace(" ", "_"))
+                started[name] = serving.launch(archive, env=env, log_path=log, workdir=log_dir / slug)
         for name, s in started.items():
-            s.wait_ready(600)
+            s.wait_ready(300)
             print(f"ready: {name} at {s.url}", flush=True)
     except BaseException:
         stop_all(started)
         raise
     return started
+
+
+def model_fn_lines(servers: dict) -> dict:
+    """What each server's model_fn said it loads (runtime, threads), from its log."""
+    out = {}
+    for name, s in servers.items():
+        try:
+            text = Path(s.log_path).read_text(errors="replace")
+        except OSError:
+            continue
+        out[name] = sorted({line.split("model_fn:", 1)[1].strip().split(": ", 1)[-1]
+                            for line in text.splitlines() if "model_fn:" in line})
+    return out
 
 
 def stop_all(servers: dict) -> None:
@@ -363,9 +383,10 @@ def compare(args, tmp: Path, archives: dict, body: bytes, photos: list[bytes]) -
         measured = measure(servers, raws, body, args.rounds, args.per_round, args.clients)
         reference = [raws["torch (today)"].top1(p) for p in photos]
         answers = {name: top1_answers(s.url, photos) for name, s in servers.items()}
+        loaded = model_fn_lines(servers)
     finally:
         stop_all(servers)
-    today, deployed, local = (measured["servers"][n] for n in specs)
+    local, today, deployed = (measured["servers"][n] for n in specs)
     many = f"{args.clients}_clients"
     p50_ratio = deployed["one_client"]["p50_ms"] / today["one_client"]["p50_ms"]
     tput_ratio = deployed[many]["throughput_rps"] / today[many]["throughput_rps"]
@@ -381,7 +402,7 @@ def compare(args, tmp: Path, archives: dict, body: bytes, photos: list[bytes]) -
                      "OMP_WAIT_POLICY": os.environ["OMP_WAIT_POLICY"], "instance_type_env": INSTANCE_TYPE,
                      "environments": {n: s[2] for n, s in specs.items()},
                      "local_server": "threads 2, max batch 8, max delay 5 ms", "onnx_export": archives["onnx"]},
-        **measured,
+        **measured, "model_fn": loaded,
         "answers": {"photos": len(photos), "kind": "generated natural-ish photos (no real photos offline)",
                     "top1_equal_to_torch": agree},
         "targets": {
@@ -424,6 +445,7 @@ def knobs(args, tmp: Path, archives: dict, body: bytes) -> int:
     servers = start_servers(specs, tmp)
     try:
         measured = measure(servers, {}, body, args.rounds, args.per_round, args.clients)
+        measured["model_fn"] = model_fn_lines(servers)
     finally:
         stop_all(servers)
     result = {"when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
