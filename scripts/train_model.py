@@ -7,6 +7,11 @@ $SM_INPUT_CONFIG_DIR/debughookconfig.json when the job has Debugger rules) or
 --debug-out DIR, losses are saved in TRAIN/EVAL modes and gradients/weights at
 an interval, which the rules (VanishingGradient, LossNotDecreasing ...) read.
 PyTorch >= 2.3 containers ship without smdebug: then it warns once and trains on.
+
+ONNX export (--export-onnx true, the default): after training, scripts/export.py adds
+model.onnx to the model dir, only when ONNX Runtime matches the PyTorch model on every
+test image (same top-1, probabilities within 1e-4); otherwise the log says why and the
+endpoint serves model.pth with PyTorch.
 """
 from __future__ import annotations
 
