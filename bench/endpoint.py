@@ -258,9 +258,11 @@ def group_cpu_s(pgid: int) -> float:
     return total
 
 
-def measure(servers: dict, raws: dict, body: bytes, rounds: int, per_round: int, clients: int) -> dict:
+def measure(servers: dict, raws: dict, body: bytes, rounds: int, per_round: int, clients: int,
+            burst: int = 3) -> dict:
     """Round-robin: in each round, one request to each server (and one raw forward of
-    each kind) in turn, per_round times; then the N-client burst on each server in turn."""
+    each kind) in turn, per_round times; then the N-client burst (`burst` requests per client)
+    on each server in turn."""
     singles = {name: [] for name in servers}
     bursts = {name: [] for name in servers}
     raw_times = {name: [] for name in raws}
@@ -288,7 +290,7 @@ def measure(servers: dict, raws: dict, body: bytes, rounds: int, per_round: int,
             singles[name].append(laps[name])
         for name, s in servers.items():
             cpu = group_cpu_s(s.pid)
-            bursts[name].append(run_clients(s.url, body, clients, max(2, 2 * per_round // clients)))
+            bursts[name].append(run_clients(s.url, body, clients, burst))
             bursts[name][-1]["cpu_s"] = group_cpu_s(s.pid) - cpu
     for conn in conns.values():
         conn.close()

@@ -32,13 +32,14 @@ def instance_vcpus(instance_type: str) -> int | None:
 def serving_env(instance_type: str) -> dict[str, str]:
     """The Model's Environment for the PyTorch serving stack (TorchServe) on instance_type.
 
-    One TorchServe worker whose forward pass uses every vCPU: measured on 2 cores
-    (bench/endpoint.py --knobs), it beats two single-thread workers on latency and
-    matches them on throughput, and it keeps one copy of the model in memory. TorchServe's
-    default instead starts one worker per vCPU, each with as many threads as vCPUs.
+    Two TorchServe workers, each free to use every vCPU, idle threads sleeping: measured on
+    2 cores (bench/endpoint.py --knobs, README "Endpoint speed"), as fast as one worker for a
+    lone client (its request gets all cores) and the best throughput and p99 with 8 clients
+    (one request's decoding and answer overlap the other's forward pass). Spinning threads
+    (OpenMP's and ONNX Runtime's default) would steal the cores from the other worker.
     No TorchServe batching (SAGEMAKER_TS_BATCH_SIZE): sagemaker-inference's Transformer
-    runs a batch's requests one by one anyway."""
-    env = {**INFERENCE_ENV, "SAGEMAKER_MODEL_SERVER_WORKERS": "1"}
+    runs a batch's requests one by one, and it measured slower."""
+    env = {**INFERENCE_ENV, "SAGEMAKER_MODEL_SERVER_WORKERS": "2", "OMP_WAIT_POLICY": "PASSIVE"}
     vcpus = instance_vcpus(instance_type)
     if vcpus:
         env["OMP_NUM_THREADS"] = str(vcpus)

@@ -442,13 +442,13 @@ def test_the_checks_catch_bad_definitions(sagemaker_model):
 
 
 def test_model_environment_is_the_measured_serving_configuration(definitions):
-    """One TorchServe worker using every vCPU of the endpoint instance (bench/endpoint.py --knobs),
-    in the CreateModel and in the registered package alike."""
+    """Two TorchServe workers, each using every vCPU of the endpoint instance, passive waits
+    (bench/endpoint.py --knobs), in the CreateModel and in the registered package alike."""
     from steps.model import instance_vcpus
 
     steps = _steps(definitions["real"])
     env = steps["Model-CreateModel"]["Arguments"]["PrimaryContainer"]["Environment"]
-    assert env["SAGEMAKER_MODEL_SERVER_WORKERS"] == "1"
+    assert env["SAGEMAKER_MODEL_SERVER_WORKERS"] == "2" and env["OMP_WAIT_POLICY"] == "PASSIVE"
     assert env["OMP_NUM_THREADS"] == "2"  # pipeline.yaml's endpoint: ml.m5.large, 2 vCPUs
     assert "SAGEMAKER_TS_BATCH_SIZE" not in env  # the toolkit's Transformer would run a batch one by one
     package = steps["Package-RegisterModel"]["Arguments"]["InferenceSpecification"]["Containers"][0]
