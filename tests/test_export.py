@@ -181,3 +181,32 @@ def test_without_onnxruntime_the_export_is_left_out_and_a_stale_file_removed(scr
     assert not (model_dir / "model.onnx").exists()
     assert (model_dir / "model.json").read_text() == before
     assert export.export_after_training(model_dir, test_images, train_lib.load_image) is None
+
+
+def test_sagemakers_serving_stack_serves_the_onnx_model(exported, tmp_path, monkeypatch):
+    """The archive as train_model.py writes it, under the real sagemaker-pytorch-inference +
+    TorchServe stack with the Model step's Environment: code/requirements.txt is installed,
+    model_fn takes the fast path, and the answers are torch's."""
+    from pipeline.runtime import serving
+    from steps.model import serving_env
+    from tests._runtime_helpers import require_toolkits
+    from tests._serve_helpers import make_tarball, post
+
+    require_toolkits(java=True)
+    model_dir = _copy(exported[0], tmp_path)
+    (model_dir / "code" / "requirements.txt").write_text((SCRIPTS / "requirements-inference.txt").read_text())
+    archive = make_tarball(model_dir, tmp_path / "model.tar.gz")
+    env = {**serving_env("ml.m5.large"), "OMP_NUM_THREADS": "1", "SAGEMAKER_MODEL_SERVER_WORKERS": "1"}
+    monkeypatch.setenv("INFERENCE_RUNTIME", "torch")
+    inference = load_inference(model_dir)
+    reference = answers(inference, inference.model_fn(str(model_dir)), BODIES)
+    monkeypatch.delenv("INFERENCE_RUNTIME")
+    with serving.launch(archive, env=env, workdir=tmp_path / "serving") as endpoint:
+        endpoint.wait_ready()
+        for body, expected in zip(BODIES, reference):
+            status, answer, _ = post(endpoint.url, body, "image/jpeg")
+            assert status == 200, answer
+            assert answer["top"][0]["index"] == expected["top"][0]["index"]
+            assert max(abs(x - y) for x, y in zip(answer["probabilities"], expected["probabilities"])) <= 1e-4
+        log = endpoint.log_path.read_text(errors="replace")
+    assert "model.onnx with ONNX Runtime" in log, log[-3000:]
