@@ -118,11 +118,15 @@ def export_model_dir(model_dir: str | os.PathLike, test_images: list[Path], load
 
 
 def export_after_training(model_dir: str | os.PathLike, test_images: list[Path], load_image) -> dict | None:
-    """export_model_dir, reported as one log line; never fails the training job."""
+    """export_model_dir, reported as one log line; never fails the training job (whatever goes
+    wrong, model.pth is there and model.json does not name an export)."""
+    print(f"onnx export: exporting and validating against PyTorch on {len(test_images)} test images ...", flush=True)
     try:
         entry = export_model_dir(model_dir, test_images, load_image)
-    except ExportSkipped as err:
-        print(f"warning: onnx export left out: {err}; the endpoint serves model.pth with PyTorch",
+    except Exception as err:  # ExportSkipped, or anything unforeseen: the trained model stands
+        reason = str(err) if isinstance(err, ExportSkipped) else f"{type(err).__name__}: {err}"
+        (Path(model_dir) / modeling.ONNX_FILE).unlink(missing_ok=True)
+        print(f"warning: onnx export left out: {reason}; the endpoint serves model.pth with PyTorch",
               file=sys.stderr, flush=True)
         return None
     v = entry["validated"]
