@@ -6,6 +6,7 @@
   python run_pipeline.py --local --execute [--param K=V ...]        run the same definition here
   python run_pipeline.py --prepare-data [--data PATH]              fetch/verify/upload dogImages
   python run_pipeline.py --serve MODEL [--port 8080]               local endpoint
+  python run_pipeline.py --serve MODEL --runtime sagemaker         ... under the real SageMaker serving stack
   python run_pipeline.py --invoke TARGET IMAGE...                  ask an endpoint
   python run_pipeline.py --cleanup [--yes]                         delete what the pipeline deployed
 
@@ -51,6 +52,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     serve.add_argument("--serve", metavar="MODEL", help="serve a model.tar.gz or model dir over HTTP")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=None, help="default: SAGEMAKER_BIND_TO_PORT or 8080")
+    serve.add_argument("--runtime", choices=("local", "sagemaker"), default="local",
+                       help="--serve / --local's endpoint: our fast server (local) or the PyTorch inference "
+                            "image's own stack, sagemaker-pytorch-inference + TorchServe (sagemaker; needs Java "
+                            "and `python -m pipeline.runtime.toolkits`)")
     serve.add_argument("--invoke", nargs="+", metavar=("TARGET", "IMAGE"), help="URL or endpoint name, then images")
     serve.add_argument("--json", action="store_true", help="--invoke: print the raw JSON answer")
     args = p.parse_args(argv)
@@ -58,12 +63,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--invoke needs a TARGET and at least one IMAGE")
     if args.local and not args.execute and not args.prepare_data:
         p.error("--local goes with --execute or --prepare-data")
+    if args.runtime != "local" and not (args.serve or (args.local and args.execute)):
+        p.error("--runtime goes with --serve or --local --execute (on AWS the endpoint is SageMaker's own)")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.serve:
+        if args.runtime == "sagemaker":
+            from pipeline.runtime.serving import serve as serve_sagemaker
+            return serve_sagemaker(args.serve, port=args.port)
         from pipeline.serve import serve
         return serve(args.serve, host=args.host, port=args.port)
     if args.invoke:
@@ -88,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.local and args.execute:
         from pipeline.local.executor import run_local
         return run_local(cfg, definition_file=args.definition_file, params=args.param,
-                         run_dir=args.run_dir, data=args.data, keep_endpoint=args.keep_endpoint)
+                         run_dir=args.run_dir, data=args.data, keep_endpoint=args.keep_endpoint,
+                         endpoint_runtime=args.runtime)
 
     from pipeline.definition import build
     built = build(cfg)  # the definition JSON, and the objects (code tarball) it expects in S3

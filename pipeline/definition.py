@@ -24,8 +24,14 @@ SCRIPTS_DIR = REPO_ROOT / "scripts"
 
 # --- code artifact ------------------------------------------------------------
 
-def source_tarball(directory: Path = SCRIPTS_DIR) -> bytes:
-    """scripts/ as sourcedir.tar.gz, the same bytes for the same files.
+# The training image's toolkit pip-installs code/requirements.txt before the entry point runs.
+# Tuning trials (hpo.py) need nothing beyond the image, so their archive leaves it out: a trial
+# installs nothing (requirements.txt is train_model.py's smdebug for the Debugger hook).
+TUNING_EXCLUDES = ("requirements.txt",)
+
+
+def source_tarball(directory: Path = SCRIPTS_DIR, exclude: tuple[str, ...] = ()) -> bytes:
+    """scripts/ as sourcedir.tar.gz, the same bytes for the same files (minus `exclude`).
 
     Sorted entries, zero mtimes/owners, no gzip timestamp: its hash names its S3 key,
     so unchanged code keeps the same URI (and SageMaker's step cache keeps hitting).
@@ -36,7 +42,7 @@ def source_tarball(directory: Path = SCRIPTS_DIR) -> bytes:
             rel = path.relative_to(directory)
             if any(p.startswith(".") or p == "__pycache__" for p in rel.parts) or path.suffix == ".pyc":
                 continue
-            if not path.is_file():
+            if not path.is_file() or rel.as_posix() in exclude:
                 continue
             info = tarfile.TarInfo(rel.as_posix())
             data = path.read_bytes()
@@ -91,8 +97,9 @@ def parameters(cfg: Config) -> Params:
     )
 
 
-def sagemaker_pipeline(cfg: Config, session, code_s3_uri: str):
-    """The sagemaker Pipeline object; the code tarball must already be at code_s3_uri."""
+def sagemaker_pipeline(cfg: Config, session, code_s3_uri: str, tuning_code_s3_uri: str | None = None):
+    """The sagemaker Pipeline object; the code tarballs must already be at code_s3_uri (training)
+    and tuning_code_s3_uri (tuning trials; default: the training one)."""
     from sagemaker.workflow.pipeline import Pipeline
     from sagemaker.workflow.pipeline_definition_config import PipelineDefinitionConfig
     from sagemaker.workflow.retry import (SageMakerJobExceptionTypeEnum, SageMakerJobStepRetryPolicy,
@@ -116,7 +123,7 @@ def sagemaker_pipeline(cfg: Config, session, code_s3_uri: str):
     cache = CacheConfig(enable_caching=cfg.cache.enabled, expire_after=cfg.cache.expire_after)
     metric_definitions = scripts_module("metrics").METRIC_DEFINITIONS
 
-    step_tune = tuning_step(cfg, session, code_uri=code_s3_uri, params=params, metric_definitions=metric_definitions,
+    step_tune = tuning_step(cfg, session, code_uri=tuning_code_s3_uri or code_s3_uri, params=params, metric_definitions=metric_definitions,
                             image_uri=image(cfg, "training", cfg.tuning.instance.type),
                             cache_config=cache, retry_policies=job_retry)
     step_train = training_step(cfg, session, step_tune=step_tune, code_uri=code_s3_uri, params=params,
@@ -164,12 +171,13 @@ def _quiet_sdk():
 
 def build(cfg: Config) -> Build:
     """Build the definition offline; also return what it expects in S3 (the code tarball)."""
-    tarball = source_tarball()
-    uri = code_uri(cfg, tarball)
+    tarball, tuning_tarball = source_tarball(), source_tarball(exclude=TUNING_EXCLUDES)
+    uri, tuning_uri = code_uri(cfg, tarball), code_uri(cfg, tuning_tarball)
     with _quiet_sdk(), offline.offline_session(cfg.aws.region, cfg.aws.bucket) as session:
-        bucket, _, key = uri[len("s3://"):].partition("/")
-        session.boto_session.client("s3").put_object(Bucket=bucket, Key=key, Body=tarball)
-        definition = sagemaker_pipeline(cfg, session, uri).definition()
+        for target, body in ((uri, tarball), (tuning_uri, tuning_tarball)):
+            bucket, _, key = target[len("s3://"):].partition("/")
+            session.boto_session.client("s3").put_object(Bucket=bucket, Key=key, Body=body)
+        definition = sagemaker_pipeline(cfg, session, uri, tuning_uri).definition()
         uploads = offline.s3_objects(session.boto_session)
     # Pretty and stable: reviewable diffs, same bytes every build.
     text = json.dumps(json.loads(definition), indent=2, sort_keys=True) + "\n"

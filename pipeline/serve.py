@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PORT = 8080
 MAX_BODY_BYTES = 6 * 1024 * 1024  # SageMaker real-time endpoints' payload limit
 DRAIN_BYTES = 64 * 1024 * 1024
-UTF8_TYPES = ("application/json", "text/csv")  # the inference toolkit hands these to input_fn as str
+UTF8_TYPES = ("application/json", "text/csv")  # sagemaker_inference.content_types.UTF8_TYPES: input_fn gets str
 
 log = logging.getLogger("pipeline.serve")
 
@@ -312,11 +312,15 @@ def build_app(model_dir: Path, *, program: str | None = None, max_batch_size: in
         accept = request.headers.get("accept")
         if not accept or accept == "*/*":
             accept = default_accept
-        if (content_type or "").split(";")[0].strip().lower() in UTF8_TYPES:
+        if content_type in UTF8_TYPES:  # the toolkit's test: this exact header value, before any handler
             try:
                 body = body.decode("utf-8")
             except UnicodeDecodeError as err:
-                raise HTTPError(400, f"body of Content-Type {content_type} is not UTF-8: {err}") from err
+                # The toolkit answers this with a 500 (and a traceback) before any handler runs: same status here.
+                raise HTTPError(500, f"body of Content-Type {content_type} is not UTF-8 ({err}): the SageMaker "
+                                     f"inference toolkit decodes {' and '.join(UTF8_TYPES)} bodies as UTF-8 before "
+                                     f"any handler and answers 500; send UTF-8 text, or an image as image/jpeg "
+                                     f"or image/png") from err
         batcher.arriving += 1
         try:
             data = await loop.run_in_executor(io_pool, handlers.input, body, content_type)

@@ -240,3 +240,66 @@ def output_fn(prediction: dict, accept: str | None) -> tuple[str, str]:
     answers = [_describe(row, prediction["labels"]) for row in prediction["probabilities"]]
     body = {"predictions": answers} if prediction["batch"] else answers[0]
     return json.dumps(body), JSON_TYPE
+
+
+# ---------------------------------------------------------------- errors on the serving stack
+# The inference toolkit (sagemaker-inference's Transformer) answers a handler's exception
+# in plain text with a full Python traceback appended (Transformer.handle_error), file
+# paths included. It passes the request context to a handler that takes one more argument,
+# so each handler below takes `context`: with one, a refusal becomes the HTTP status set on
+# the context and a JSON body {"error": message}, the same status and body as our own
+# server (pipeline/serve.py) gives; without one (our server, tests) the exception is raised
+# as before. Anything that is not an InferenceError is a 500 whose details go to the log.
+import functools  # noqa: E402
+import logging  # noqa: E402
+
+_log = logging.getLogger(__name__)
+
+
+class _Refusal:
+    """An answered error travelling through the remaining handlers to output_fn."""
+
+    def __init__(self, status_code: int, message: str):
+        self.status_code, self.message = status_code, message
+
+
+def _refusal(err: Exception) -> _Refusal:
+    if isinstance(err, _ToolkitError) and 400 <= int(getattr(err, "status_code", 0) or 0) < 600:
+        return _Refusal(int(err.status_code), str(getattr(err, "message", None) or err))
+    _log.error("handler error", exc_info=err)
+    return _Refusal(500, f"internal error in the model's handlers ({type(err).__name__}); see the server log")
+
+
+def _answering_errors(handler):
+    @functools.wraps(handler)
+    def with_context(first, second, context=None):
+        if context is None:
+            return handler(first, second)
+        if isinstance(first, _Refusal):
+            return first
+        try:
+            return handler(first, second)
+        except Exception as err:  # noqa: BLE001 - the contract: every failure is a JSON answer
+            return _refusal(err)
+    del with_context.__wrapped__  # the toolkit counts this function's own parameters
+    return with_context
+
+
+def _output_answering_errors(handler):
+    answer = _answering_errors(handler)
+
+    @functools.wraps(handler)
+    def with_context(prediction, accept, context=None):
+        result = answer(prediction, accept, context)
+        if isinstance(result, _Refusal):
+            context.set_response_status(result.status_code, HTTPStatus(result.status_code).phrase)
+            # byte for byte what our server's JSONResponse writes
+            return json.dumps({"error": result.message}, ensure_ascii=False, separators=(",", ":")), JSON_TYPE
+        return result
+    del with_context.__wrapped__
+    return with_context
+
+
+input_fn = _answering_errors(input_fn)
+predict_fn = _answering_errors(predict_fn)
+output_fn = _output_answering_errors(output_fn)

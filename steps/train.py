@@ -97,6 +97,14 @@ def debugger_args(cfg) -> dict:
     return args
 
 
+# The training job's environment, for the toolkit's `pip install -r requirements.txt` and the
+# script. PyTorch 2.6 images ship protobuf >= 5.28 for sagemaker-training and no smdebug, while
+# smdebug 1.0.34 pins protobuf <= 3.20.3: resolving that pin would downgrade protobuf under the
+# toolkit. So pip installs exactly the lines of requirements.txt (PIP_NO_DEPS) and smdebug's
+# generated protobuf code runs on the image's protobuf through the pure-Python implementation.
+TRAINING_ENVIRONMENT = {"PIP_NO_DEPS": "true", "PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION": "python"}
+
+
 def training_step(cfg, session, *, step_tune, code_uri: str, image_uri: str, params, metric_definitions,
                   cache_config, retry_policies) -> TrainingStep:
     tuned = {name: step_tune.properties.BestTrainingJob.TunedHyperParameters[name] for name in cfg.tuning.ranges}
@@ -110,7 +118,7 @@ def training_step(cfg, session, *, step_tune, code_uri: str, image_uri: str, par
     est = estimator(cfg, session, entry_point="train_model.py", code_uri=code_uri, image_uri=image_uri,
                     instance=cfg.training.instance, instance_type=params.training_instance_type,
                     spot=cfg.training.spot, hyperparameters=static, metric_definitions=metric_definitions,
-                    **checkpoint, **debugger_args(cfg))
+                    environment=dict(TRAINING_ENVIRONMENT), **checkpoint, **debugger_args(cfg))
     # Tuned values are property references, resolved when the tuning step is done (never copied).
     est.set_hyperparameters(**tuned)
     return TrainingStep(

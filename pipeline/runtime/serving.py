@@ -26,7 +26,10 @@ Three things differ from the image, all so that several servers can share one ho
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -121,13 +124,24 @@ class Endpoint:
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{self.ports['management']}/models/model",
                                         timeout=5) as reply:
-                import json
                 workers = json.loads(reply.read())[0].get("workers", [])
                 return any(w.get("status") == "READY" for w in workers)
         except (urllib.error.URLError, OSError, ValueError, IndexError, KeyError):
             return False
 
-    def wait_ready(self, timeout: float = 180.0) -> "Endpoint":
+    def _load_failure(self, attempts: int) -> str | None:
+        """TorchServe retries a worker whose model_fn (or handler import) fails, forever, with
+        backoff; after `attempts` failures: the worker's last exception line."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return None
+        if text.count("Load model failed: model") < attempts:
+            return None
+        errors = re.findall(r"MODEL_LOG - ([\w.]*(?:Error|Exception)\b.*)", text)
+        return errors[-1] if errors else "the worker died while loading the model"
+
+    def wait_ready(self, timeout: float = 180.0, load_attempts: int = 3) -> "Endpoint":
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -135,6 +149,10 @@ class Endpoint:
                                    f"before it was ready; log {self.log_path}:\n{self.log_tail()}")
             if self._ping() == 200 and self._model_ready():
                 return self
+            failure = self._load_failure(load_attempts)
+            if failure:
+                raise RuntimeError(f"the model's TorchServe worker failed to load {load_attempts} times "
+                                   f"(model_fn or importing the handlers): {failure[:500]}; log {self.log_path}")
             time.sleep(0.2)
         raise TimeoutError(f"the SageMaker serving stack was not ready after {timeout:g} s; "
                            f"log {self.log_path}:\n{self.log_tail()}")
@@ -152,21 +170,23 @@ class Endpoint:
         """SIGTERM to the process group (the toolkit forwards it to TorchServe, which stops its
         workers), SIGKILL to whatever is left after timeout; the toolkit process's exit status."""
         if self._group_alive():
-            with _suppress(ProcessLookupError):
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.process.pid, signal.SIGTERM)
             deadline = time.monotonic() + timeout
             while self._group_alive() and time.monotonic() < deadline:
                 self.process.poll()  # reap the leader so that it stops counting
                 time.sleep(0.1)
             if self._group_alive():
-                with _suppress(ProcessLookupError):
+                with contextlib.suppress(ProcessLookupError):
                     os.killpg(self.process.pid, signal.SIGKILL)
         try:
             self.process.wait(timeout)
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        # the extracted model and TorchServe's model store; the log stays for reading
+        for path in (self.tmp, self.workdir / "ml", self.workdir / ".sagemaker"):
+            shutil.rmtree(path, ignore_errors=True)
         return self.process.returncode
 
     def __enter__(self):
@@ -174,17 +194,6 @@ class Endpoint:
 
     def __exit__(self, *exc):
         self.stop()
-
-
-class _suppress:
-    def __init__(self, *errors):
-        self.errors = errors
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, value, tb):
-        return kind is not None and issubclass(kind, self.errors)
 
 
 def _place_model(model: Path, model_dir: Path) -> None:
@@ -201,8 +210,8 @@ def _place_model(model: Path, model_dir: Path) -> None:
 
 def launch(model: str | os.PathLike, port: int = 0, env: dict | None = None, *, workers: int = 1,
            log_path: str | os.PathLike | None = None, workdir: str | os.PathLike | None = None,
-           program: str | None = None, timeout_s: int | None = None, python: str | os.PathLike | None = None,
-           new_session: bool = True) -> Endpoint:
+           program: str | None = None, timeout_s: int | None = None,
+           python: str | os.PathLike | None = None) -> Endpoint:
     """Start the real serving stack on 127.0.0.1 for a model.tar.gz or model dir; returns at once.
     port 0 picks a free port; TorchServe's management, metrics and gRPC ports are always free
     ports picked here. env: extra environment (e.g. SAGEMAKER_PROGRAM, TS_* settings).
@@ -211,11 +220,9 @@ def launch(model: str | os.PathLike, port: int = 0, env: dict | None = None, *, 
     reason = java_missing()
     if reason:
         raise RuntimeError(reason)
+    if python is None and toolkits.missing_reason():
+        raise RuntimeError(toolkits.missing_reason())
     python = Path(python) if python else toolkits.venv_python()
-    if not python:
-        raise RuntimeError(toolkits.missing_reason())
-    if python == toolkits.venv_python() and toolkits.missing_reason():
-        raise RuntimeError(toolkits.missing_reason())
     workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="sagemaker-serving-"))
     workdir.mkdir(parents=True, exist_ok=True)
     base = workdir / "ml"
@@ -260,7 +267,7 @@ def launch(model: str | os.PathLike, port: int = 0, env: dict | None = None, *, 
     with open(log_path, "ab") as out:
         process = subprocess.Popen([str(python), "-c", LAUNCHER], cwd=workdir, env=run_env,
                                    stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                   start_new_session=new_session)
+                                   start_new_session=True)  # its own process group: stop() ends all of it
     return Endpoint(process, f"http://127.0.0.1:{port}", log_path, workdir, ports, tmp)
 
 
@@ -268,19 +275,14 @@ def serve(model: str | os.PathLike, port: int | None = None, workers: int = 1, p
     """Foreground: start, say where, run until SIGINT/SIGTERM, then stop the whole stack."""
     if port is None:
         port = int(os.environ.get("SAGEMAKER_BIND_TO_PORT", DEFAULT_PORT))
-    try:
-        endpoint = launch(model, port=port, workers=workers, program=program, new_session=False)
-    except (RuntimeError, FileNotFoundError, ValueError) as err:
-        print(f"error: --serve: {err}", file=sys.stderr)
-        return 1
-    stopping = []
 
     def _stop(signo, frame):
-        stopping.append(signo)
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGTERM, _stop)  # before launch: a SIGTERM never leaves TorchServe behind
+    endpoint = None
     try:
+        endpoint = launch(model, port=port, workers=workers, program=program)
         print(f"starting the SageMaker serving stack (TorchServe) for {model}; log {endpoint.log_path}", flush=True)
         endpoint.wait_ready()
         print(f"serving {model} on {endpoint.url} (POST /invocations, GET /ping); Ctrl-C stops", flush=True)
@@ -291,11 +293,13 @@ def serve(model: str | os.PathLike, port: int | None = None, workers: int = 1, p
         return 1
     except KeyboardInterrupt:
         return 0
-    except (RuntimeError, TimeoutError) as err:
-        print(f"error: --serve: {str(err).splitlines()[0]}; log {endpoint.log_path}", file=sys.stderr)
+    except (RuntimeError, TimeoutError, FileNotFoundError, ValueError) as err:
+        where = f"; log {endpoint.log_path}" if endpoint else ""
+        print(f"error: --serve: {str(err).splitlines()[0]}{where}", file=sys.stderr)
         return 1
     finally:
-        endpoint.stop()
+        if endpoint is not None:
+            endpoint.stop()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,10 +26,13 @@ ENV_VAR = "SAGEMAKER_TOOLKITS_VENV"
 # What the SageMaker PyTorch training and inference images run (versions on PyPI).
 PACKAGES = (
     "sagemaker-training==5.1.4",
+    "sagemaker-pytorch-training==3.0.0",   # SAGEMAKER_TRAINING_MODULE of the PyTorch training images
     "sagemaker-pytorch-inference==2.0.25",
     "sagemaker-inference==1.10.1",
     "torchserve==0.12.0",
     "torch-model-archiver==0.12.0",
+    # as the images resolve it: sagemaker-training wants >= 5.28.1, the images' sagemaker<3 SDK < 7
+    "protobuf>=5.28.1,<7",
 )
 STAMP = ".toolkits-installed"
 CREATE_COMMAND = f"{Path(sys.executable).name} -m pipeline.runtime.toolkits"
@@ -76,7 +79,9 @@ def ensure(path: Path | None = None, quiet: bool = False) -> Path:
                           check=True, capture_output=True, text=True).stdout.strip()
     # Appended after the venv's own site-packages: its protobuf wins, torch comes from the project.
     Path(site, "_project_site_packages.pth").write_text(base_site + "\n")
-    cmd = [str(venv_python(path)), "-m", "pip", "install", "--disable-pip-version-check"]
+    # --no-warn-conflicts: pip would report the project's protobuf==3.20.3 pin, which this venv
+    # overrides on purpose (the toolkit's protobuf comes first on its sys.path)
+    cmd = [str(venv_python(path)), "-m", "pip", "install", "--disable-pip-version-check", "--no-warn-conflicts"]
     subprocess.run(cmd + (["-q"] if quiet else []) + list(PACKAGES), check=True)
     (path / STAMP).write_text(_wanted(base_site) + "\n")
     return venv_python(path)
@@ -91,7 +96,12 @@ def main(argv: list[str] | None = None) -> int:
         reason = missing_reason()
         print(f"error: {reason}" if reason else venv_python(), file=sys.stderr if reason else sys.stdout)
         return 1 if reason else 0
-    print(ensure(quiet=args.quiet))
+    try:
+        print(ensure(quiet=args.quiet))
+    except subprocess.CalledProcessError as err:
+        print(f"error: {venv_dir()}: `{' '.join(map(str, err.cmd))[:200]}` failed with exit {err.returncode} "
+              f"(pip's message is above); rerun `{CREATE_COMMAND}` once PyPI is reachable", file=sys.stderr)
+        return 1
     return 0
 
 
