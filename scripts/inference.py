@@ -3,7 +3,8 @@
 The serving container (and our local server, pipeline/serve.py) imports this
 file from the model's code/ dir and calls, per request:
 
-    model = model_fn(model_dir)                  once, at start-up
+    model = model_fn(model_dir)                  once, at start-up (model.onnx under
+                                                 ONNX Runtime when present and valid, else model.pth)
     data = input_fn(body, content_type)          decode + validate
     prediction = predict_fn(data, model)         preprocess + forward
     body, type = output_fn(prediction, accept)   serialise
@@ -107,15 +108,42 @@ def _load_modeling():
 modeling = _load_modeling()
 
 
+def _fast_net(model_dir: str, meta: dict, device: torch.device):
+    """model.onnx under ONNX Runtime when model.json lists it, the runtime imports and the
+    file's sha256 matches; else None (the torch path serves). INFERENCE_RUNTIME=torch skips
+    it; INFERENCE_RUNTIME=onnx makes its absence an error instead of a fallback."""
+    wanted = os.environ.get("INFERENCE_RUNTIME", "auto").strip().lower() or "auto"
+    if wanted not in ("auto", "onnx", "torch"):
+        raise ValueError(f"INFERENCE_RUNTIME={wanted!r}: use auto, onnx or torch")
+    if wanted == "torch" or (wanted == "auto" and (device.type != "cpu" or "onnx" not in meta)):
+        return None
+    try:
+        return modeling.load_onnx(model_dir, meta, threads=torch.get_num_threads())
+    except Exception as err:  # ImportError, missing or corrupt file, a runtime that refuses it
+        if wanted == "onnx":
+            raise RuntimeError(f"INFERENCE_RUNTIME=onnx but the ONNX model cannot be served: {err}") from err
+        print(f"warning: {model_dir}/{modeling.ONNX_FILE} not used ({type(err).__name__}: {err}); "
+              f"serving model.pth with PyTorch", file=sys.stderr, flush=True)
+        return None
+
+
 def model_fn(model_dir: str) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    net, meta = modeling.load_model(model_dir, device=device)
-    net = net.to(memory_format=torch.channels_last).eval()
+    meta_path = Path(model_dir) / modeling.MODEL_META_FILE
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    net = _fast_net(model_dir, meta, device)
+    if net is None:
+        net, meta = modeling.load_model(model_dir, device=device)
+        net = net.to(memory_format=torch.channels_last).eval()
+    runtime = getattr(net, "runtime", "torch")
+    print(f"model_fn: {model_dir}: {'model.onnx with ONNX Runtime' if runtime != 'torch' else 'model.pth with PyTorch'}"
+          f" on {device}, {torch.get_num_threads()} threads", flush=True)
     labels = list(meta.get("labels") or [modeling.breed_label(c) for c in meta["classes"]])
     _decode["min_size"] = int(meta["resize_size"])
     return {"net": net, "meta": meta, "labels": labels, "transform": modeling.eval_transform(
         int(meta["resize_size"]), int(meta["image_size"]), meta.get("mean", modeling.IMAGENET_MEAN),
-        meta.get("std", modeling.IMAGENET_STD)), "device": device}
+        meta.get("std", modeling.IMAGENET_STD)), "device": device,
+        "runtime": runtime}
 
 
 def _media_type(header: str | None) -> str:
@@ -277,7 +305,8 @@ def input_fn(request_body: bytes | str, content_type: str | None) -> dict:
 
 def predict_fn(data: dict, model: dict) -> dict:
     pixels = torch.stack([model["transform"](image) for image in data["images"]])
-    pixels = pixels.to(model["device"], memory_format=torch.channels_last)
+    if model.get("runtime", "torch") == "torch":
+        pixels = pixels.to(model["device"], memory_format=torch.channels_last)
     with torch.inference_mode():
         probabilities = model["net"](pixels).float().softmax(dim=1).cpu()
     return {"probabilities": probabilities, "labels": model["labels"], "batch": data["batch"]}

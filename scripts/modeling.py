@@ -7,6 +7,7 @@ same module tree and a state_dict saved by one loads in the other.
 from __future__ import annotations
 
 import difflib
+import hashlib
 import json
 import os
 import re
@@ -163,3 +164,67 @@ def load_model(model_dir: str | os.PathLike, device: str | torch.device = "cpu")
     state = torch.load(model_dir / MODEL_WEIGHTS_FILE, map_location=device, weights_only=True)
     model.load_state_dict(state)
     return model.to(device).eval(), meta
+
+
+# ----------------------------------------------------------------------------- ONNX fast path
+
+ONNX_FILE = "model.onnx"
+ONNX_INPUT, ONNX_OUTPUT = "pixels", "logits"
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class OnnxNet:
+    """The exported network run by ONNX Runtime, called like the torch module:
+    float pixels [N, 3, H, W] in, float32 logits [N, classes] out (CPU tensors)."""
+
+    runtime = "onnxruntime"
+
+    def __init__(self, model: bytes | str, threads: int = 0):
+        import onnxruntime as ort  # lazily: the torch path must work without it
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.intra_op_num_threads = max(0, int(threads))  # 0: one per physical core
+        options.inter_op_num_threads = 1
+        if os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE":
+            # idle threads sleep instead of spinning, like torch's OpenMP under the same setting
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.session = ort.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
+        self.version = ort.__version__
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        array = pixels.detach().to("cpu", torch.float32).contiguous().numpy()
+        (logits,) = self.session.run([ONNX_OUTPUT], {ONNX_INPUT: array})
+        return torch.from_numpy(logits)
+
+    def eval(self):  # the torch module's interface, for code that calls it
+        return self
+
+
+def load_onnx(model_dir: str | os.PathLike, meta: dict, threads: int = 0) -> OnnxNet:
+    """model.json's "onnx" entry -> an OnnxNet, after checking the file's sha256 against it.
+    Raises (ImportError, FileNotFoundError, ValueError, onnxruntime's errors) when that
+    cannot be had: the caller decides whether to fall back to model.pth."""
+    entry = meta.get("onnx")
+    if not isinstance(entry, dict) or not entry.get("file"):
+        raise FileNotFoundError(f"{MODEL_META_FILE} lists no ONNX export")
+    name = Path(entry["file"])
+    if name.is_absolute() or ".." in name.parts:
+        raise ValueError(f"{MODEL_META_FILE}: onnx.file {entry['file']!r} must be a file inside the model dir")
+    path = Path(model_dir) / name
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing")
+    data = path.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != entry.get("sha256"):
+        raise ValueError(f"{path}: sha256 {digest[:12]}... differs from {MODEL_META_FILE}'s "
+                         f"{str(entry.get('sha256'))[:12]}...: the file is corrupt or not this model's")
+    return OnnxNet(data, threads)

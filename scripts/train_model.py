@@ -7,6 +7,11 @@ $SM_INPUT_CONFIG_DIR/debughookconfig.json when the job has Debugger rules) or
 --debug-out DIR, losses are saved in TRAIN/EVAL modes and gradients/weights at
 an interval, which the rules (VanishingGradient, LossNotDecreasing ...) read.
 PyTorch >= 2.3 containers ship without smdebug: then it warns once and trains on.
+
+ONNX export (--export-onnx true, the default): after training, scripts/export.py adds
+model.onnx to the model dir, only when ONNX Runtime matches the PyTorch model on every
+test image (same top-1, probabilities within 1e-4); otherwise the log says why and the
+endpoint serves model.pth with PyTorch.
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+import export
 import train_lib
 
 DEBUG_CONFIG_FILE = "debughookconfig.json"
@@ -35,6 +41,8 @@ def add_flags(parser) -> None:
                    help="smdebug output dir when no Debugger config is present")
     g.add_argument("--debug-save-interval", "--debug_save_interval", type=train_lib._int, default=50,
                    help="steps between saved gradients/weights (with --debug-out)")
+    g.add_argument("--export-onnx", "--export_onnx", type=train_lib.parse_bool, default=True,
+                   help="after training, add model.onnx (validated on the test split) for the endpoint's fast path")
 
 
 def debug_config_path() -> Path:
@@ -168,5 +176,21 @@ def make_callbacks(args) -> list[train_lib.Callbacks]:
     return callbacks
 
 
+def main(argv: list[str]) -> int:
+    """Train; then (rank 0) add the validated ONNX export to the model dir."""
+    seen = {}
+
+    def callbacks(args):
+        seen["args"] = args
+        return make_callbacks(args)
+
+    status = train_lib.main(argv, prog="train_model.py", extend=add_flags, make_callbacks=callbacks)
+    args = seen.get("args")
+    if status == 0 and args is not None and args.export_onnx and int(os.environ.get("RANK", 0)) == 0:
+        _, samples = train_lib.scan_dataset(train_lib.data_dirs(args, require_test=True))
+        export.export_after_training(args.model_dir, [path for path, _ in samples["test"]], train_lib.load_image)
+    return status
+
+
 if __name__ == "__main__":
-    sys.exit(train_lib.main(sys.argv[1:], prog="train_model.py", extend=add_flags, make_callbacks=make_callbacks))
+    sys.exit(main(sys.argv[1:]))

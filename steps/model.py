@@ -6,6 +6,8 @@ no _repack_* files written into scripts/.
 """
 from __future__ import annotations
 
+import re
+
 from sagemaker.model import Model
 from sagemaker.workflow.functions import Join
 from sagemaker.workflow.model_step import ModelStep
@@ -17,13 +19,40 @@ INFERENCE_ENV = {
 }
 
 
+def instance_vcpus(instance_type: str) -> int | None:
+    """vCPUs of an ml.<family>.<size> instance by EC2's size naming: large 2, xlarge 4,
+    Nxlarge 4N (ml.m5.large: 2). None for sizes that do not follow it (medium, metal)."""
+    match = re.fullmatch(r"ml\.[a-z0-9-]+\.(\d*)(x?)large", instance_type)
+    if not match:
+        return None
+    count, x = match.groups()
+    return 2 if not x else 4 * int(count or 1)
+
+
+def serving_env(instance_type: str) -> dict[str, str]:
+    """The Model's Environment for the PyTorch serving stack (TorchServe) on instance_type.
+
+    Two TorchServe workers, each free to use every vCPU, idle threads sleeping: measured on
+    2 cores (bench/endpoint.py --knobs, README "Endpoint speed"), as fast as one worker for a
+    lone client (its request gets all cores) and the best throughput and p99 with 8 clients
+    (one request's decoding and answer overlap the other's forward pass). Spinning threads
+    (OpenMP's and ONNX Runtime's default) would steal the cores from the other worker.
+    No TorchServe batching (SAGEMAKER_TS_BATCH_SIZE): sagemaker-inference's Transformer
+    runs a batch's requests one by one, and it measured slower."""
+    env = {**INFERENCE_ENV, "SAGEMAKER_MODEL_SERVER_WORKERS": "2", "OMP_WAIT_POLICY": "PASSIVE"}
+    vcpus = instance_vcpus(instance_type)
+    if vcpus:
+        env["OMP_NUM_THREADS"] = str(vcpus)
+    return env
+
+
 def model_steps(cfg, session, *, step_train, image_uri: str, params, retry_policies) -> tuple[ModelStep, ModelStep]:
     """(create, register): CreateModel for the endpoint, CreateModelPackage for the registry."""
     model = Model(
         image_uri=image_uri,
         model_data=step_train.properties.ModelArtifacts.S3ModelArtifacts,
         role=cfg.aws.role,
-        env={**INFERENCE_ENV, "SAGEMAKER_REGION": cfg.aws.region},
+        env={**serving_env(cfg.endpoint.instance_type), "SAGEMAKER_REGION": cfg.aws.region},
         sagemaker_session=session,
     )
     create = ModelStep(

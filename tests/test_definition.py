@@ -449,3 +449,19 @@ def test_the_checks_catch_bad_definitions(sagemaker_model):
     assert _walk_path(outputs, ".FinalMetricDataList['test accuracy'].Value", "ok")[0].type_name == "float"
     with pytest.raises(AssertionError, match="is not in"):
         _walk_path(outputs, ".ModelArtifacts.S3ModelArtifact", "typo")
+
+
+def test_model_environment_is_the_measured_serving_configuration(definitions):
+    """Two TorchServe workers, each using every vCPU of the endpoint instance, passive waits
+    (bench/endpoint.py --knobs), in the CreateModel and in the registered package alike."""
+    from steps.model import instance_vcpus
+
+    steps = _steps(definitions["real"])
+    env = steps["Model-CreateModel"]["Arguments"]["PrimaryContainer"]["Environment"]
+    assert env["SAGEMAKER_MODEL_SERVER_WORKERS"] == "2" and env["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert env["OMP_NUM_THREADS"] == "2"  # pipeline.yaml's endpoint: ml.m5.large, 2 vCPUs
+    assert "SAGEMAKER_TS_BATCH_SIZE" not in env  # the toolkit's Transformer would run a batch one by one
+    package = steps["Package-RegisterModel"]["Arguments"]["InferenceSpecification"]["Containers"][0]
+    assert package["Environment"] == env
+    assert [instance_vcpus(t) for t in ("ml.m5.large", "ml.c5.xlarge", "ml.m5.4xlarge", "ml.t2.medium")] == \
+        [2, 4, 16, None]

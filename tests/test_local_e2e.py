@@ -87,6 +87,9 @@ def test_whole_dag_runs_and_the_endpoint_answers_over_http(run):
         assert reply.status == 200
         answer = json.loads(reply.read())
     assert answer
+    # the training job's validated model.onnx is what the local endpoint serves (the fast path)
+    endpoint_logs = [p.read_text(errors="replace") for p in (run["tmp"] / "run").rglob("endpoint.log")]
+    assert any("model.onnx with ONNX Runtime" in text for text in endpoint_logs), endpoint_logs
     report = (run["tmp"] / "run" / "report.md").read_text()
     for section in ("## DAG", "Tuning leaderboard", "## Loss curves", "Debugger rules", "## Profiler", "## Endpoint"):
         assert section in report

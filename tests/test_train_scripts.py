@@ -117,6 +117,44 @@ def test_packaged_inference_code_serves_the_trained_model(trained, dataset):
     assert abs(correct - evaluation["test_accuracy"] * total) <= 1, (correct, total, evaluation["test_accuracy"])
 
 
+def test_model_dir_holds_the_onnx_export_validated_on_the_test_split(trained, dataset):
+    """model.onnx is part of the model dir contract: model.json names it with its sha256 and
+    the validation it passed, and the packaged inference.py serves it (fast path)."""
+    import hashlib
+    import importlib.util
+
+    model_dir = trained["model_dir"]
+    meta = json.load(open(os.path.join(model_dir, "model.json")))
+    entry = meta["onnx"]
+    data = open(os.path.join(model_dir, entry["file"]), "rb").read()
+    assert entry["file"] == "model.onnx" and entry["sha256"] == hashlib.sha256(data).hexdigest()
+    test_images = sum(1 for _ in (dataset / "test").glob("*/*"))
+    assert entry["validated"]["images"] == entry["validated"]["top1_agree"] == test_images
+    assert entry["validated"]["max_prob_diff"] <= 1e-4
+    assert f"validated on {test_images} test images" in trained["log"]
+    spec = importlib.util.spec_from_file_location("packaged_inference_onnx",
+                                                  os.path.join(model_dir, "code", "inference.py"))
+    inference = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(inference)
+    assert inference.model_fn(model_dir)["runtime"] == "onnxruntime"
+    requirements = open(os.path.join(model_dir, "code", "requirements.txt")).read()
+    assert "onnxruntime==" in requirements
+
+
+def test_without_onnxruntime_the_job_trains_and_says_why_the_export_is_left_out(dataset, tmp_path):
+    shim = tmp_path / "shim" / "onnxruntime"
+    shim.mkdir(parents=True)
+    (shim / "__init__.py").write_text("raise ImportError('onnxruntime hidden by the test', name='onnxruntime')\n")
+    hps = {**HP, "epochs": 1, "max-steps-per-epoch": 2}
+    env = sagemaker_env(tmp_path, split_channels(dataset), hps, extra={"PYTHONPATH": str(shim.parent)})
+    proc = run_script("train_model.py", hyperparameter_args(hps), env)
+    assert "onnx export left out: onnxruntime is not installed" in proc.stdout, proc.stdout
+    model_dir = env["SM_MODEL_DIR"]
+    assert os.path.isfile(os.path.join(model_dir, "model.pth"))
+    assert not os.path.exists(os.path.join(model_dir, "model.onnx"))
+    assert "onnx" not in json.load(open(os.path.join(model_dir, "model.json")))
+
+
 def test_evaluation_matches_the_summary_lines_and_beats_chance(trained):
     evaluation = json.load(open(os.path.join(trained["output_dir"], "evaluation.json")))
     final = metrics.final_metrics(trained["log"])
