@@ -1,9 +1,10 @@
-"""Run the pipeline on SageMaker: pre-flight checks, upsert, start, wait, clean up.
+"""Run the pipeline on SageMaker: pre-flight checks (pipeline/preflight.py), upsert, start, wait, clean up.
 
 Plain boto3, so that every call is one you can find in the SageMaker API reference,
 and so that tests can point it at a moto server (boto3 honours AWS_ENDPOINT_URL).
-`execute(cfg, ...)` and `cleanup(cfg, ...)` are the thin config-taking entry points
-of run_pipeline.py; everything under them takes plain arguments.
+`execute(cfg, definition, ...)` and `cleanup(cfg, ...)` are the thin config-taking entry
+points of run_pipeline.py; everything under them takes plain arguments. Errors are raised
+(pipeline/errors.py), and run_pipeline.main turns them into one line and an exit status.
 """
 from __future__ import annotations
 
@@ -14,17 +15,18 @@ import os
 import re
 import sys
 import time
-import urllib.parse
 from typing import Callable, Iterable, TextIO
 
 import boto3
-from botocore.config import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ClientError
-from botocore.parsers import ResponseParserError
 
 from pipeline.config import PIPELINE_TAG
-from pipeline.local.store import split_s3_uri
-from pipeline.params import ParameterError, check_overrides, split_overrides
+from pipeline.errors import ExecutionFailed
+from pipeline.params import check_overrides, split_overrides
+from pipeline.preflight import (  # noqa: F401  (re-exported: the checks were here before preflight.py)
+    ENDPOINT_IN_PROGRESS, ROLE_ARN_RE, AwsSetupError, _code, check_bucket, check_credentials, check_data,
+    check_endpoint, check_region, check_role, check_role_reads, preflight, simulation_client)
+from pipeline.s3uri import split_s3_uri
 
 # Our own ownership tag, set on the pipeline and (by the definition) on the models,
 # endpoint configs and endpoints its steps create: --cleanup deletes what carries it.
@@ -33,119 +35,14 @@ EXECUTION_ARN_TAG = "sagemaker:pipeline-execution-arn"
 TERMINAL = ("Succeeded", "Failed", "Stopped")
 INLINE_DEFINITION_LIMIT = 100_000  # bytes: CreatePipeline's PipelineDefinition maximum; larger goes via S3
 DISPLAY_NAME_RE = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,81}$")
-ROLE_ARN_RE = re.compile(r"^arn:aws[a-z-]*:iam::(\d{12}):role/(?:[\w+=,.@/-]+/)?([\w+=,.@-]{1,64})$")
-
-
-class AwsSetupError(RuntimeError):
-    """Something the user must fix before the pipeline can run; the message says what."""
-
-
-def _code(err: ClientError) -> str:
-    return err.response.get("Error", {}).get("Code", "")
-
-
-# ---------------------------------------------------------------- pre-flight checks
-
-def check_region(region: str | None) -> str:
-    if not region:
-        raise AwsSetupError("no AWS region: set aws.region in the config, pass --region, or set AWS_REGION")
-    session = boto3.Session()
-    known = {r for p in session.get_available_partitions()
-             for r in session.get_available_regions("sagemaker", partition_name=p)}
-    if region not in known:
-        near = sorted(r for r in known if r.split("-")[0] == region.split("-")[0]) or sorted(known)
-        raise AwsSetupError(f"region {region!r} is not a SageMaker region; valid ones include: {', '.join(near)}")
-    return region
-
-
-def check_credentials(session: boto3.Session) -> str:
-    """Return the caller's account id, or explain why there are no usable credentials."""
-    if session.get_credentials() is None:
-        raise AwsSetupError(
-            "no AWS credentials found: set AWS_PROFILE (or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY), "
-            "run `aws sso login`, or in GitHub Actions use the OIDC role (README: Running on AWS)")
-    try:
-        return session.client("sts").get_caller_identity()["Account"]
-    except ClientError as e:
-        raise AwsSetupError(f"AWS rejected the credentials ({_code(e)}): {e.response['Error'].get('Message', '')}")
-    except BotoCoreError as e:
-        raise AwsSetupError(f"could not check the AWS credentials: {e}")
-
-
-def _trusts_sagemaker(policy) -> bool:
-    if isinstance(policy, str):  # some endpoints return the URL-encoded JSON text
-        policy = json.loads(urllib.parse.unquote(policy))
-    for stmt in policy.get("Statement", []):
-        if stmt.get("Effect") != "Allow":
-            continue
-        actions = stmt.get("Action", [])
-        actions = [actions] if isinstance(actions, str) else actions
-        services = stmt.get("Principal", {}).get("Service", []) if isinstance(stmt.get("Principal"), dict) else []
-        services = [services] if isinstance(services, str) else services
-        if "sagemaker.amazonaws.com" in services and any(a in ("sts:AssumeRole", "sts:*", "*") for a in actions):
-            return True
-    return False
-
-
-def check_role(session: boto3.Session, role_arn: str | None, out: TextIO = sys.stdout) -> None:
-    if not role_arn:
-        raise AwsSetupError("no SageMaker execution role: set aws.role in the config, pass --role, "
-                            "or set SAGEMAKER_ROLE_ARN (the infra/ stack outputs it)")
-    m = ROLE_ARN_RE.match(role_arn)
-    if not m:
-        raise AwsSetupError(f"role {role_arn!r} is not an IAM role ARN (arn:aws:iam::<12-digit account>:role/<name>)")
-    try:
-        role = session.client("iam").get_role(RoleName=m.group(2))["Role"]
-    except ClientError as e:
-        if _code(e) == "NoSuchEntity":
-            raise AwsSetupError(f"IAM role {m.group(2)!r} does not exist in account {m.group(1)} "
-                                f"(deploy infra/template.yaml, or fix aws.role / --role)")
-        if _code(e) in ("AccessDenied", "AccessDeniedException"):
-            # Not being allowed to read a role is no proof it is missing: say so and go on.
-            print(f"warning: cannot read IAM role {m.group(2)} ({_code(e)}); not checking that it exists", file=out)
-            return
-        raise
-    if not _trusts_sagemaker(role.get("AssumeRolePolicyDocument", {})):
-        raise AwsSetupError(f"IAM role {m.group(2)!r} does not trust sagemaker.amazonaws.com "
-                            f"(its trust policy needs Principal.Service sagemaker.amazonaws.com, sts:AssumeRole)")
-
-
-def check_bucket(session: boto3.Session, bucket: str | None, region: str) -> None:
-    if not bucket:
-        raise AwsSetupError("no S3 bucket: set aws.bucket in the config, pass --bucket, or set SAGEMAKER_BUCKET")
-    try:
-        resp = session.client("s3").head_bucket(Bucket=bucket)
-    except ClientError as e:
-        if _code(e) in ("404", "NoSuchBucket", "NotFound"):
-            raise AwsSetupError(f"S3 bucket {bucket!r} does not exist (deploy infra/template.yaml, or fix aws.bucket / --bucket)")
-        if _code(e) in ("403", "AccessDenied"):
-            raise AwsSetupError(f"no access to S3 bucket {bucket!r} with these credentials")
-        raise
-    where = resp.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("x-amz-bucket-region")
-    if where and where != region:
-        raise AwsSetupError(f"S3 bucket {bucket!r} is in {where}, but the pipeline runs in {region}: "
-                            f"use a bucket in {region} or set region to {where}")
-
-
-def preflight(region: str | None, role_arn: str | None, bucket: str | None,
-              out: TextIO = sys.stdout) -> boto3.Session:
-    """Check region, credentials, role and bucket, in that order; create nothing."""
-    region = check_region(region)
-    session = boto3.Session(region_name=region)
-    check_credentials(session)
-    check_role(session, role_arn, out=out)
-    check_bucket(session, bucket, region)
-    return session
 
 
 # ---------------------------------------------------------------- upsert and start
 
 def parse_params(params: Iterable[str], definition: str) -> list[dict]:
-    """`NAME=VALUE` strings -> PipelineParameters, checked against the definition's Parameters."""
-    try:
-        check_overrides(json.loads(definition), params)
-    except ParameterError as e:
-        raise AwsSetupError(str(e)) from None
+    """`NAME=VALUE` strings -> PipelineParameters, checked against the definition's Parameters
+    (a ParameterError names the bad one)."""
+    check_overrides(json.loads(definition), params)
     return [{"Name": name, "Value": value} for name, value in split_overrides(params).items()]
 
 
@@ -398,80 +295,6 @@ def upload_objects(s3, uploads: dict[str, bytes], out: TextIO = sys.stdout) -> i
         sent += 1
     return sent
 
-
-def check_data(s3, data_uri: str, out: TextIO = sys.stdout, iam=None, role_arn: str | None = None) -> None:
-    """The training data must be there, and readable by the execution role, before hours of tuning start."""
-    bucket, prefix = split_s3_uri(data_uri)
-    try:
-        found = s3.list_objects_v2(Bucket=bucket, Prefix=prefix.rstrip("/") + "/" if prefix else "", MaxKeys=1)
-    except ClientError as e:
-        if _code(e) in ("NoSuchBucket", "404"):
-            raise AwsSetupError(f"data URI {data_uri}: bucket {bucket!r} does not exist")
-        raise AwsSetupError(f"data URI {data_uri}: these credentials cannot list it ({_code(e)}); use data in the "
-                            f"artifact bucket (leave data.uri unset) or grant s3:ListBucket on {bucket}")
-    if not found.get("KeyCount", len(found.get("Contents", []))):
-        raise AwsSetupError(f"no data at {data_uri}: run `python run_pipeline.py --prepare-data` first "
-                            f"(or pass --param DataUri=s3://...)")
-    if iam is not None and role_arn:
-        check_role_reads(iam, role_arn, data_uri, out=out)
-
-
-def check_role_reads(iam, role_arn: str, data_uri: str, out: TextIO = sys.stdout) -> None:
-    """Ask IAM's policy simulator whether the execution role may list and read the data.
-
-    The jobs read the data as the role, not as the caller: a role scoped to the artifact
-    bucket (infra/template.yaml) fails every trial on data kept elsewhere, hours in.
-    """
-    bucket, prefix = split_s3_uri(data_uri)
-    partition = role_arn.split(":")[1]
-    checks = (("s3:ListBucket", f"arn:{partition}:s3:::{bucket}"),
-              ("s3:GetObject", f"arn:{partition}:s3:::{bucket}/{prefix.rstrip('/')}/train/example.jpg"))
-    for action, resource in checks:
-        try:
-            result = iam.simulate_principal_policy(PolicySourceArn=role_arn, ActionNames=[action],
-                                                   ResourceArns=[resource])["EvaluationResults"][0]
-        except (ClientError, BotoCoreError, ResponseParserError) as e:
-            # Not being allowed to simulate is no proof the role cannot read: say so and go on.
-            why = _code(e) if isinstance(e, ClientError) else type(e).__name__
-            print(f"warning: cannot ask IAM whether the role may read {data_uri} ({why}); not checked", file=out)
-            return
-        if result.get("EvalDecision") != "allowed":
-            raise AwsSetupError(f"data URI {data_uri}: the execution role {role_arn.rsplit('/', 1)[-1]} may not "
-                                f"{action} {resource} ({result.get('EvalDecision')}); keep the data in the artifact "
-                                f"bucket (leave data.uri unset) or grant the role read access")
-
-
-# UpdateEndpoint refuses these; DeployEndpoint would fail after hours of tuning and training.
-ENDPOINT_IN_PROGRESS = ("Creating", "Updating", "SystemUpdating", "RollingBack", "Deleting")
-
-
-def check_endpoint(sm, endpoint_name: str | None, out: TextIO = sys.stdout) -> None:
-    """DeployEndpoint creates the endpoint or updates it; SageMaker cannot update a Failed one."""
-    if not endpoint_name:
-        return
-    try:
-        desc = sm.describe_endpoint(EndpointName=endpoint_name)
-    except ClientError as e:
-        if _code(e) == "ValidationException":  # "Could not find endpoint": DeployEndpoint creates it
-            return
-        print(f"warning: cannot read endpoint {endpoint_name} ({_code(e)}); not checking its status", file=out)
-        return
-    status = desc.get("EndpointStatus")
-    if status == "Failed":
-        raise AwsSetupError(
-            f"endpoint {endpoint_name} is Failed ({desc.get('FailureReason') or 'no reason given'}): SageMaker cannot "
-            f"update a failed endpoint, so DeployEndpoint would fail after training; delete it first "
-            f"(python run_pipeline.py --cleanup, or aws sagemaker delete-endpoint --endpoint-name {endpoint_name})")
-    if status in ENDPOINT_IN_PROGRESS:
-        print(f"warning: endpoint {endpoint_name} is {status}; DeployEndpoint fails if it still is when training "
-              f"ends (UpdateEndpoint refuses an endpoint in progress)", file=out)
-
-
-def simulation_client(session: boto3.Session):
-    """IAM for the policy simulator; one attempt (a server without the call answers 500s)."""
-    return session.client("iam", config=BotoConfig(retries={"max_attempts": 1, "mode": "standard"}))
-
-
 # ---------------------------------------------------------------- config-taking entry points
 # cfg is pipeline.config.Config: pipeline.name/.description, aws.region/.role/.bucket, data.uri, tags.
 
@@ -479,36 +302,25 @@ def _studio_domain() -> str | None:
     return os.environ.get("SAGEMAKER_STUDIO_DOMAIN_ID")
 
 
-def _refused(e: ClientError) -> str:
-    return f"AWS refused {e.operation_name}: {_code(e)}: {e.response['Error'].get('Message', '')}"
-
-
-def _setup_failed(e: AwsSetupError | ClientError) -> int:
-    """One line on stderr for a check or a call that AWS refused; exit code 1 (a refused run)."""
-    print(f"error: {_refused(e) if isinstance(e, ClientError) else e}", file=sys.stderr)
-    return 1
-
-
 def execute(cfg, definition: str, params: list[str], wait: bool, display_name: str | None,
             uploads: dict[str, bytes] | None = None, out: TextIO = sys.stdout,
             sleep: Callable[[float], None] = time.sleep) -> int:
-    """Check, upload code, upsert, start (and with wait, follow) the pipeline. Returns the exit code."""
+    """Check, upload code, upsert, start (and with wait, follow) the pipeline. Returns 0 (130 when
+    waiting was interrupted); raises ParameterError / AwsSetupError before anything is created,
+    botocore's ClientError when AWS refuses a call, ExecutionFailed when the execution ends Failed."""
     name, region, role, bucket = cfg.pipeline.name, cfg.aws.region, cfg.aws.role, cfg.aws.bucket
-    try:
-        parameters = parse_params(params, definition)
-        display = check_display_name(display_name or ci_display_name())
-        session = preflight(region, role, bucket, out=out)
-        s3, sm = session.client("s3"), session.client("sagemaker")
-        data_uri = next((p["Value"] for p in parameters if p["Name"] == "DataUri"), cfg.data.uri)
-        check_data(s3, data_uri, out=out, iam=simulation_client(session), role_arn=role)
-        check_endpoint(sm, getattr(getattr(cfg, "endpoint", None), "name", None), out=out)
-        upload_objects(s3, uploads or {}, out=out)
-        arn, created = upsert_pipeline(sm, name, definition, role, dict(cfg.tags),
-                                       description=cfg.pipeline.description, bucket=bucket, s3=s3)
-        print(f"{'created' if created else 'updated'} pipeline {arn}", file=out)
-        exec_arn = start_execution(sm, name, parameters, display, ci_description())
-    except (AwsSetupError, ClientError) as e:
-        return _setup_failed(e)
+    parameters = parse_params(params, definition)
+    display = check_display_name(display_name or ci_display_name())
+    session = preflight(region, role, bucket, out=out)
+    s3, sm = session.client("s3"), session.client("sagemaker")
+    data_uri = next((p["Value"] for p in parameters if p["Name"] == "DataUri"), cfg.data.uri)
+    check_data(s3, data_uri, out=out, iam=simulation_client(session), role_arn=role)
+    check_endpoint(sm, getattr(getattr(cfg, "endpoint", None), "name", None), out=out)
+    upload_objects(s3, uploads or {}, out=out)
+    arn, created = upsert_pipeline(sm, name, definition, role, dict(cfg.tags),
+                                   description=cfg.pipeline.description, bucket=bucket, s3=s3)
+    print(f"{'created' if created else 'updated'} pipeline {arn}", file=out)
+    exec_arn = start_execution(sm, name, parameters, display, ci_description())
     print(f"execution {exec_arn}", file=out)
     urls = console_urls(region, name, exec_arn, _studio_domain())
     for url in urls:
@@ -524,7 +336,11 @@ def execute(cfg, definition: str, params: list[str], wait: bool, display_name: s
         return 130
     _summary(f"Status: **{desc['PipelineExecutionStatus']}**\n\n```\n{step_table(steps)}\n"
              + "\n".join(failure_report(desc, steps)) + "\n```")
-    return report(desc, steps, out=out)
+    if report(desc, steps, out=out):
+        reasons = failure_report(desc, steps) or ["no failure reason reported"]
+        raise ExecutionFailed(f"execution {exec_arn.rsplit('/', 1)[-1]} {desc['PipelineExecutionStatus']}: "
+                              + "; ".join(reasons))
+    return 0
 
 
 def _summary(markdown: str) -> None:
@@ -536,9 +352,8 @@ def _summary(markdown: str) -> None:
 
 
 def cleanup(cfg, assume_yes: bool, out: TextIO = sys.stdout, ask: Callable[[str], str] = input) -> int:
-    try:
-        session = boto3.Session(region_name=check_region(cfg.aws.region))
-        check_credentials(session)
-        return cleanup_pipeline(session.client("sagemaker"), cfg.pipeline.name, assume_yes, out=out, ask=ask)
-    except (AwsSetupError, ClientError) as e:
-        return _setup_failed(e)
+    """0 when done (or nothing to do), 1 when the user did not confirm; AwsSetupError / ClientError
+    when AWS refuses."""
+    session = boto3.Session(region_name=check_region(cfg.aws.region))
+    check_credentials(session)
+    return cleanup_pipeline(session.client("sagemaker"), cfg.pipeline.name, assume_yes, out=out, ask=ask)

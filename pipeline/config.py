@@ -18,7 +18,8 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from pipeline.local.store import s3_key_problem
+from pipeline.errors import UserError
+from pipeline.s3uri import s3_key_problem
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,7 +30,7 @@ DEFAULT_DATA_PREFIX = "dogImages"
 # Tag key on every resource the pipeline creates, valued with the pipeline name.
 PIPELINE_TAG = "dogbreed:pipeline"
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A pipeline config that cannot be used; the message says where and why."""
 
 

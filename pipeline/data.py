@@ -25,8 +25,9 @@ import zlib
 from pathlib import Path, PurePosixPath
 from typing import TextIO
 
+from pipeline.errors import UserError
 from pipeline.files import atomic_dir, atomic_write
-from pipeline.local.store import split_s3_uri
+from pipeline.s3uri import split_s3_uri
 from pipeline.sample_data import DOG_CLASS_DIRS, DOG_SPLIT_SIZES, SPLITS
 
 DOGIMAGES_URL = "https://s3-us-west-1.amazonaws.com/udacity-aind/dog-project/dogImages.zip"
@@ -39,7 +40,7 @@ CHUNK = 1 << 20
 S3_PART = 8 << 20  # multipart threshold and part size; fixed so that ETags can be recomputed here
 
 
-class DataError(RuntimeError):
+class DataError(UserError, RuntimeError):
     """A problem with the data the user must fix; the message names the file and what is expected."""
 
 
@@ -387,24 +388,22 @@ def prepare_dataset(data_uri: str, source: str | os.PathLike | None = None, url:
     return data_uri
 
 
-def prepare_data(cfg, source: str | None, local: bool) -> str:
-    """run_pipeline.py --prepare-data: returns the data URI the pipeline reads; a DataError
-    (one line and exit 1 in run_pipeline.py) for anything wrong with the data or its place."""
+def prepare_data(cfg, source: str | None, store=None) -> str:
+    """run_pipeline.py --prepare-data: returns the data URI the pipeline reads. `store` (a local
+    object store, for --local) receives the data; else S3 does, after the account's pre-flight
+    checks. Raises DataError for the data, AwsSetupError for the account (one line, exit 1)."""
     data = cfg.data
     kwargs = dict(url=data.url or DOGIMAGES_URL,
                   sha256=data.sha256 or DOGIMAGES_SHA256,
                   strict=data.strict,
                   cache_dir=Path(data.cache_dir or DEFAULT_CACHE))
-    if local:
-        from pipeline.local.store import LocalStore
-        return prepare_dataset(data.uri, source, store=LocalStore(), **kwargs)
+    if store is not None:
+        return prepare_dataset(data.uri, source, store=store, **kwargs)
     import boto3
 
-    from pipeline.aws import AwsSetupError, check_bucket, check_credentials, check_region
-    try:
-        session = boto3.Session(region_name=check_region(cfg.aws.region))
-        check_credentials(session)
-        check_bucket(session, split_s3_uri(data.uri)[0], cfg.aws.region)
-    except AwsSetupError as e:  # before the 1 GB download, not after
-        raise DataError(str(e)) from None
+    from pipeline.preflight import check_bucket, check_credentials, check_region
+    # before the 1 GB download, not after
+    session = boto3.Session(region_name=check_region(cfg.aws.region))
+    check_credentials(session)
+    check_bucket(session, split_s3_uri(data.uri)[0], cfg.aws.region)
     return prepare_dataset(data.uri, source, s3=session.client("s3"), **kwargs)

@@ -16,13 +16,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from pipeline.errors import UserError
+
 DOG_IMAGES = (6680, 835)        # train, valid images of dogImages (the strict layout's counts)
 MIN_TRAIN_POINTS = 10           # saved training steps a gradient or loss rule needs over the run
 MIN_FIRST_STEP_POINTS = 3       # relu_input saves within poor_weight_initialization's first `steps`
 MIN_COMPARISONS = 3             # loss_not_decreasing: comparisons num_steps apart
 
 
-class PlanError(ValueError):
+class PlanError(UserError, ValueError):
     """A rule that cannot see enough points at any interval on this run; `field` names the config key."""
 
     def __init__(self, field: str, message: str):

@@ -15,6 +15,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from pipeline.errors import UserError
+
 CONTENT_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png"}
 
 
@@ -22,7 +24,7 @@ def content_type(path: Path) -> str:
     return CONTENT_TYPES.get(path.suffix.lower(), "application/x-image")
 
 
-class InvokeError(Exception):
+class InvokeError(UserError):
     """The endpoint refused or could not be reached: the message says which and why."""
 
 

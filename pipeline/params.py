@@ -8,11 +8,13 @@ from __future__ import annotations
 import re
 from typing import Any, Iterable
 
+from pipeline.errors import DefinitionError
 from pipeline.graph import all_steps
 
 
-class ParameterError(ValueError):
-    pass
+class ParameterError(DefinitionError):
+    """A --param override (or a parameter value) the definition does not accept; a DefinitionError,
+    so both runners refuse it the same way."""
 
 
 # Which image each instance-type Parameter runs: (step type, path to the image in its Arguments).

@@ -43,6 +43,8 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 
+from pipeline.errors import UserError
+
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PORT = 8080
 MAX_BODY_BYTES = 6 * 1024 * 1024  # SageMaker real-time endpoints' payload limit
@@ -57,7 +59,7 @@ UTF8_TYPES = ("application/json", "text/csv")  # the inference toolkit hands the
 log = logging.getLogger("pipeline.serve")
 
 
-class ServeError(ValueError):
+class ServeError(UserError, ValueError):
     """A model, archive, address or option the server cannot start with (one line, exit 1)."""
 
 

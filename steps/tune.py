@@ -5,7 +5,7 @@ from sagemaker.parameter import CategoricalParameter, ContinuousParameter, Integ
 from sagemaker.tuner import HyperparameterTuner
 from sagemaker.workflow.steps import TuningStep
 
-from steps.train import channel_inputs, estimator
+from steps.common import channel_inputs, estimator
 
 # Fixed so the trials' sagemaker_job_name hyperparameter is not a timestamp
 # (sagemaker-python-sdk#3651); the service names the real jobs itself.

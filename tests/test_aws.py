@@ -13,6 +13,7 @@ import boto3
 import pytest
 from botocore.stub import Stubber
 
+import run_pipeline
 from pipeline import aws
 from tests._aws_helpers import ACCOUNT, REGION, SAGEMAKER_TRUST, aws_env, fake_aws_env, moto_server  # noqa: F401
 
@@ -48,8 +49,8 @@ def account(aws_env):
 
 def run_execute(cfg, definition=DEFINITION, params=(), wait=False, display_name=None, uploads=None):
     out = io.StringIO()
-    rc = aws.execute(cfg, definition, params=list(params), wait=wait, display_name=display_name,
-                     uploads=uploads, out=out, sleep=lambda s: None)
+    rc = run_pipeline.guarded(aws.execute, cfg, definition, params=list(params), wait=wait,
+                              display_name=display_name, uploads=uploads, out=out, sleep=lambda s: None)
     return rc, out.getvalue()
 
 
@@ -345,7 +346,7 @@ def test_cleanup_deletes_only_our_tagged_resources(account):
 def test_cleanup_without_credentials(aws_env, monkeypatch, capsys):
     monkeypatch.delenv("AWS_ACCESS_KEY_ID")
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
-    assert aws.cleanup(make_cfg(), assume_yes=True, out=io.StringIO()) == 1
+    assert run_pipeline.guarded(aws.cleanup, make_cfg(), assume_yes=True, out=io.StringIO()) == 1
     assert "no AWS credentials found" in capsys.readouterr().err
 
 
@@ -365,7 +366,6 @@ def _deploy_steps(definition: dict) -> list[dict]:
 
 
 def test_cli_execute_wait_with_the_real_definition(account, tmp_path):
-    import run_pipeline
     out_json = tmp_path / "definition.json"
     rc = run_pipeline.main(["--config", str(ROOT / "pipeline.yaml"), "--region", REGION, "--role", ROLE_ARN,
                             "--bucket", BUCKET, "--definition", str(out_json), "--execute", "--wait",

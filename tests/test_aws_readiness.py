@@ -17,6 +17,7 @@ import pytest
 import yaml
 from botocore.stub import Stubber
 
+import run_pipeline
 from pipeline import aws
 from pipeline.config import load_config, parse_config
 from pipeline.debugger_plan import RunSize, needs, plan, plan_for_config, run_size, saved_points
@@ -146,8 +147,9 @@ def test_execute_refuses_when_the_role_cannot_read_the_data(aws_env, monkeypatch
         ("s3:ListBucket", "arn:aws:s3:::someone-elses-data", "implicitDeny")])
     monkeypatch.setattr(aws, "simulation_client", lambda session: iam)
     out = io.StringIO()
-    rc = aws.execute(_cfg("s3://someone-elses-data/dogImages/"), json.dumps({"Version": "2020-12-01", "Steps": []}),
-                     params=[], wait=False, display_name="x", out=out, sleep=lambda s: None)
+    rc = run_pipeline.guarded(aws.execute, _cfg("s3://someone-elses-data/dogImages/"),
+                              json.dumps({"Version": "2020-12-01", "Steps": []}),
+                              params=[], wait=False, display_name="x", out=out, sleep=lambda s: None)
     err = capsys.readouterr().err
     assert rc == 1, out.getvalue()
     assert err.count("\n") == 1 and err.startswith("error: data URI s3://someone-elses-data/dogImages/: "

@@ -16,6 +16,7 @@ import pytest
 
 from pipeline import data
 from pipeline.config import load_config
+from pipeline.errors import SetupError
 from pipeline.local.store import LocalStore
 from pipeline.sample_data import DOG_CLASS_DIRS, generate_dataset
 from tests._aws_helpers import aws_env, moto_server  # noqa: F401
@@ -250,7 +251,7 @@ def test_prepare_data_downloads_verifies_and_uploads_to_s3(aws_env, serve, tiny_
     srv = serve(tiny_zip)
     monkeypatch.setattr(data, "DEFAULT_CACHE", tmp_path / "cache")
     cfg = _config(uri="s3://dogbreed-data/dogs/", url=srv.url, strict=False)
-    assert data.prepare_data(cfg, source=None, local=False) == "s3://dogbreed-data/dogs/"
+    assert data.prepare_data(cfg, source=None) == "s3://dogbreed-data/dogs/"
     keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket="dogbreed-data")["Contents"])
     assert len(keys) == 24 and keys[0].startswith(f"dogs/test/{DOG_CLASS_DIRS[0]}/")
     assert (tmp_path / "cache" / "dogImages" / "dogImages" / "train").is_dir()
@@ -267,8 +268,8 @@ def test_prepare_data_downloads_verifies_and_uploads_to_s3(aws_env, serve, tiny_
 def test_prepare_data_missing_bucket_fails_before_download(aws_env, serve, tiny_zip, capsys):
     srv = serve(tiny_zip)
     cfg = _config(uri="s3://nope-bucket/dogs", url=srv.url)
-    with pytest.raises(data.DataError, match="S3 bucket 'nope-bucket' does not exist"):
-        data.prepare_data(cfg, source=None, local=False)
+    with pytest.raises(SetupError, match="S3 bucket 'nope-bucket' does not exist"):
+        data.prepare_data(cfg, source=None)
     assert srv.ranges == []
 
 

@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import load_config
-from pipeline.local.executor import DefinitionError, execute, run_local
+import run_pipeline
+from pipeline import local_run
+from pipeline.local.executor import DefinitionError, execute
 from pipeline.local.jobs import read_json
 from pipeline.local.store import REPO_ROOT, LocalStore
 from tests._local_helpers import put_toy_code_and_data, read_eval, toy_definition, trial_dirs
@@ -98,8 +100,8 @@ def test_failing_branch_ends_failed_with_the_fail_step_message(first, store, mon
     definition.write_text(json.dumps(toy_definition()))
     monkeypatch.setenv("DOGBREED_LOCAL_STORE", str(store.root))
     cfg = load_config(REPO_ROOT / "pipeline.yaml")  # no sample block: nothing is generated
-    code = run_local(cfg, definition_file=str(definition), params=["AccuracyThreshold=1.01"],
-                     run_dir=str(tmp_path / "run"))
+    code = run_pipeline.guarded(local_run.execute, cfg, definition.read_text(), source=str(definition),
+                                uploads=dict, params=["AccuracyThreshold=1.01"], run_dir=str(tmp_path / "run"))
     assert code == 1
     err = capsys.readouterr().err
     assert "FailStep: test accuracy 0." in err and "is below 1.01" in err

@@ -1,8 +1,10 @@
 """Run a SageMaker pipeline definition JSON on this machine: no AWS, no Docker.
 
-    python run_pipeline.py --local --execute [--param Name=Value] [--definition-file PATH]
+    execute(definition JSON, store=LocalStore, run_dir=...) -> the execution record
 
-It interprets the same bytes AWS gets: Parameters (defaults + overrides), Get /
+The pure interpreter: it reads the definition JSON and the object store, and imports nothing
+of the config, the steps or the SageMaker SDK (pipeline/local_run.py is the host side that
+prepares data and code, as pipeline/aws.py does for SageMaker). It interprets the same bytes AWS gets: Parameters (defaults + overrides), Get /
 Std:Join / Std:JsonGet, DependsOn and data dependencies in topological order,
 Condition steps with their If/Else branches, Fail steps, RetryPolicies and
 CacheConfig. Step runners: Training (jobs.py), Tuning (tuner.py), Debugger rules
@@ -30,18 +32,15 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Callable
 
+from pipeline.errors import DefinitionError
 from pipeline.local import expressions as ex
-from pipeline.local.jobs import JobError, RecordError, arn, bar, now_iso, read_json, run_training_job, write_json
-from pipeline.local.store import LocalStore, REPO_ROOT
+from pipeline.local.jobs import JobError, arn, bar, now_iso, read_json, run_training_job, write_json
+from pipeline.local.store import LocalStore
 from pipeline.local.tuner import TuningError, run_tuning_job
-from pipeline.params import ParameterError, resolve_parameters
+from pipeline.params import resolve_parameters
 
 SUPPORTED = ("Training", "Tuning", "Model", "RegisterModel", "Condition", "Fail", "EndpointConfig", "Endpoint")
 RESUMABLE = ("Executing", "Stopping", "Stopped")
-
-
-class DefinitionError(ValueError):
-    """The definition JSON or a parameter override is not valid: the message says where."""
 
 
 class StepFailed(Exception):
@@ -128,10 +127,8 @@ def topological_order(deps: dict[str, set[str]]) -> list[str]:
 
 
 def parse_parameters(definition: dict, overrides: list[str] | dict | None) -> dict[str, Any]:
-    try:
-        return resolve_parameters(definition, overrides)
-    except ParameterError as e:
-        raise DefinitionError(str(e)) from None
+    """Defaults + overrides, typed; a ParameterError (a DefinitionError) names a bad one."""
+    return resolve_parameters(definition, overrides)
 
 
 def _duration_s(text: str | None) -> float | None:
@@ -705,23 +702,6 @@ def _retry_wait(policies: list[dict], kind: str | None, attempt: int) -> float |
 
 # ---------------------------------------------------------------- entry point
 
-def _ensure_data(cfg, store: LocalStore, data: str | None) -> None:
-    """--data PATH puts a dataset folder at the data URI; else a config `sample` block
-    generates the small dataset there (once)."""
-    uri, sample = cfg.data.uri, cfg.data.sample
-    if data:
-        from pipeline.data import DataError, prepare_dataset
-        try:  # a folder or a zip, checked for the train/valid/test layout; any number of classes
-            prepare_dataset(uri, data, store=store, strict=False)
-        except DataError as e:
-            raise DefinitionError(str(e)) from None
-    elif sample and not store.exists(uri):
-        from pipeline.sample_data import generate_dataset
-        print(f"generating the sample dataset at {uri} ({sample.model_dump()}) ...")
-        generate_dataset(store.path(uri), num_classes=sample.num_classes, per_class=tuple(sample.per_class),
-                         size=sample.image_size, seed=sample.seed)
-
-
 def execute(definition: str | dict, *, store: LocalStore, run_dir: str | Path, params=None,
             pipeline_name: str = "pipeline", keep_endpoint: bool = False, progress=print,
             report: bool = True, endpoint_runtime: str = "local") -> dict:
@@ -768,26 +748,6 @@ def execute(definition: str | dict, *, store: LocalStore, run_dir: str | Path, p
     return record
 
 
-def _missing_code(definition: dict, store: LocalStore) -> list[str]:
-    """The source archives (sagemaker_submit_directory) the definition names but the store lacks."""
-    found = []
-
-    def visit(v):
-        if isinstance(v, dict):
-            for k, x in v.items():
-                if k == "sagemaker_submit_directory" and isinstance(x, str):
-                    uri = x.strip('"')
-                    if uri.startswith("s3://") and not store.exists(uri):
-                        found.append(uri)
-                else:
-                    visit(x)
-        elif isinstance(v, list):
-            for x in v:
-                visit(x)
-    visit(definition.get("Steps", []))
-    return found
-
-
 def _lock_run_dir(run_dir: Path):
     """One execution per run dir at a time; the lock dies with the process, however it ends."""
     import fcntl
@@ -810,41 +770,3 @@ def _lock_run_dir(run_dir: Path):
 def _main_thread() -> bool:
     import threading
     return threading.current_thread() is threading.main_thread()
-
-
-def run_local(cfg, definition_file=None, params=(), run_dir=None, data=None, keep_endpoint=False,
-              endpoint_runtime: str = "local") -> int:
-    store = LocalStore()
-    name = cfg.pipeline.name
-    run_dir = Path(run_dir) if run_dir else REPO_ROOT / "runs" / name
-    try:
-        _ensure_data(cfg, store, data)
-        if definition_file:
-            text, source = Path(definition_file).read_text(), str(definition_file)
-            if _missing_code(load_definition(text, source), store):
-                # Building uploads what the SDK uploads (sourcedir.tar.gz, content-addressed) into
-                # the store, so a definition written by `--definition` finds its code as on AWS.
-                from pipeline.definition import build_definition
-                build_definition(cfg, object_store=store)
-        else:
-            from pipeline.definition import build_definition
-            text, source = build_definition(cfg, object_store=store), "built from config"
-        definition = load_definition(text, source)
-        t0 = time.monotonic()
-        record = execute(definition, store=store, run_dir=run_dir, params=list(params or []),
-                         pipeline_name=name, keep_endpoint=keep_endpoint, endpoint_runtime=endpoint_runtime)
-    except (DefinitionError, RecordError, FileNotFoundError) as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    status = record["PipelineExecutionStatus"]
-    print(f"execution {record['PipelineExecutionId']}: {status} in {time.monotonic() - t0:.0f}s; "
-          f"record {run_dir / 'execution.json'}")
-    if status != "Succeeded":
-        if record.get("FailStepMessage") is not None:
-            print(f"FailStep: {record['FailStepMessage']}", file=sys.stderr)
-        else:
-            print(f"failed: {record.get('FailureReason')}", file=sys.stderr)
-        return 1
-    return 0

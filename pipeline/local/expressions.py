@@ -17,8 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from pipeline.errors import UserError
 
-class ExpressionError(ValueError):
+
+class ExpressionError(UserError, ValueError):
     """A reference that cannot be resolved (unknown parameter, step, property, path)."""
 
 

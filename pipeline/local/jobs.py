@@ -32,6 +32,7 @@ from typing import Any, Callable
 
 import psutil
 
+from pipeline.errors import UserError
 from pipeline.files import atomic_path, atomic_write
 from pipeline.local.store import LocalStore
 from scripts.metrics import parse_metrics
@@ -55,7 +56,7 @@ def write_json(path: Path, data: Any) -> Path:
     return atomic_write(path, json.dumps(data, indent=1, default=str))
 
 
-class RecordError(ValueError):
+class RecordError(UserError, ValueError):
     """A record this runner wrote (execution.json, trials.json, the local registry) that no
     longer reads as JSON: truncated or edited by hand. Never a traceback: the path and a way out."""
 
@@ -124,7 +125,7 @@ def _env_value(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
-class JobError(RuntimeError):
+class JobError(UserError, RuntimeError):
     """The job request is malformed (missing source, channel, ...): a clear message, no traceback."""
 
 

@@ -11,40 +11,10 @@ import shutil
 from pathlib import Path
 
 from pipeline.files import atomic_dir, atomic_path, atomic_write
+from pipeline.s3uri import StoreError, s3_key_problem, split_s3_uri  # noqa: F401  (StoreError: re-exported)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_ROOT = REPO_ROOT / "runs" / "s3"
-
-
-class StoreError(ValueError):
-    """An S3 URI the local store cannot hold (or would hold outside its root)."""
-
-
-def split_s3_uri(uri: str) -> tuple[str, str]:
-    if not isinstance(uri, str) or not uri.startswith("s3://"):
-        raise StoreError(f"expected an s3://bucket/key URI, got {uri!r}")
-    bucket, _, key = uri[len("s3://"):].partition("/")
-    if not bucket:
-        raise StoreError(f"S3 URI {uri!r} has no bucket")
-    return bucket, key
-
-
-def s3_key_problem(key: str) -> str | None:
-    """Why `key` is not a plain relative key (None if it is). A key maps onto a path
-    under the local store, so it must not climb ('..'), stay ('.'), start at '/' or
-    hold empty segments ('a//b'): S3 allows those, a file tree cannot hold them safely.
-    One trailing '/' (a prefix) is fine."""
-    if key == "":
-        return None
-    segments = key[:-1].split("/") if key.endswith("/") else key.split("/")
-    for segment in segments:
-        if segment == "":
-            return "has an empty path segment ('//' or a leading '/')"
-        if segment in (".", ".."):
-            return f"has a {segment!r} path segment"
-        if "\\" in segment or "\0" in segment:
-            return "has a backslash or NUL byte"
-    return None
 
 
 class LocalStore:

@@ -26,12 +26,13 @@ from typing import Any, Callable
 
 import optuna
 
+from pipeline.errors import UserError
 from pipeline.local.jobs import TUNING_METRIC, JobError, arn, bar, now_iso, read_json, run_training_job, write_json
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
-class TuningError(ValueError):
+class TuningError(UserError, ValueError):
     pass
 
 
