@@ -187,7 +187,9 @@ def run(args: argparse.Namespace) -> int:
     # One definition for every use below: built once from the config, or read as it is.
     built = None
     if args.definition_file:
+        from pipeline.local.document import load_definition
         definition = Path(args.definition_file).read_text()
+        load_definition(definition, args.definition_file)  # JSON with Steps, or one line naming the file
     else:
         from pipeline.definition import build
         built = build(cfg)  # the definition JSON, and the objects (code tarball) it expects in S3

@@ -104,17 +104,17 @@ def format_table(answer: dict, title: str) -> str:
 
 
 def invoke(target: str, images: list[str], raw_json: bool = False, region: str | None = None) -> int:
-    """Send each image to TARGET; 0 when every image got an answer, 1 otherwise."""
+    """Send each image to TARGET; 0 when every image got an answer, 1 otherwise (each failed image
+    gets its own line on stderr). An InvokeError before any request: no such image file, or an
+    endpoint that is missing or not InService."""
     paths = [Path(p) for p in images]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
-        print(f"error: --invoke: no such image file: {', '.join(missing)}; give paths of JPEG or PNG files", file=sys.stderr)
-        return 1
+        raise InvokeError(f"--invoke: no such image file: {', '.join(missing)}; give paths of JPEG or PNG files")
     try:
         call = _http_caller(target) if target.startswith(("http://", "https://")) else _sagemaker_caller(target, region)
     except InvokeError as err:
-        print(f"error: --invoke: {err}", file=sys.stderr)
-        return 1
+        raise InvokeError(f"--invoke: {err}") from None
     failures = 0
     for path in paths:
         try:

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Callable
 
 from pipeline.errors import ExecutionFailed
+from pipeline.local.document import load_definition
 from pipeline.local.executor import execute as interpret
-from pipeline.local.executor import load_definition
 from pipeline.local.store import REPO_ROOT, LocalStore
 
 

@@ -384,6 +384,37 @@ def test_cli_execute_wait_with_the_real_definition(account, tmp_path):
         boto3.client("s3").head_object(Bucket=BUCKET, Key=uri[len(f"s3://{BUCKET}/"):])
 
 
+def test_cli_execute_runs_a_definition_file_as_it_is(account, tmp_path):
+    """--definition-file goes to AWS as it is (an edited default included), with the code it names."""
+    common = ["--config", str(ROOT / "pipeline.yaml"), "--region", REGION, "--role", ROLE_ARN, "--bucket", BUCKET]
+    built = tmp_path / "built.json"
+    assert run_pipeline.main([*common, "--definition", str(built)]) == 0
+    doc = json.loads(built.read_text())
+    threshold = next(p for p in doc["Parameters"] if p["Name"] == "AccuracyThreshold")
+    threshold["DefaultValue"] = 0.4242
+    edited = tmp_path / "edited.json"
+    edited.write_text(json.dumps(doc))
+    rc = run_pipeline.main([*common, "--execute", "--definition-file", str(edited),
+                            "--param", f"DataUri=s3://{BUCKET}/dogImages/", "--display-name", "from-file"])
+    assert rc == 0
+    name = doc.get("PipelineName") or account.list_pipelines()["PipelineSummaries"][0]["PipelineName"]
+    assert json.loads(account.describe_pipeline(PipelineName=name)["PipelineDefinition"]) == doc
+    code = set(re.findall(rf"s3://{BUCKET}/[^\"' ]+sourcedir\.tar\.gz", edited.read_text()))
+    assert code, "the definition references no code tarball in the bucket"
+    for uri in code:
+        boto3.client("s3").head_object(Bucket=BUCKET, Key=uri[len(f"s3://{BUCKET}/"):])
+
+
+def test_cli_execute_refuses_a_definition_file_that_is_not_json(account, tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    rc = run_pipeline.main(["--config", str(ROOT / "pipeline.yaml"), "--region", REGION, "--role", ROLE_ARN,
+                            "--bucket", BUCKET, "--execute", "--definition-file", str(bad)])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.startswith(f"error: {bad}: not JSON") and err.count("\n") == 1, err
+    assert _no_pipeline_created(account)
+
+
 def test_definition_tags_what_cleanup_deletes():
     """The contract with pipeline/definition.py: Model, EndpointConfig and Endpoint steps carry
     aws.PIPELINE_TAG = the pipeline name, which --cleanup looks for."""

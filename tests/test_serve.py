@@ -339,8 +339,8 @@ def test_invoke_a_local_url_prints_a_top5_table(endpoint, image_files, capsys):
 def test_invoke_reports_refusals_and_missing_files(endpoint, image_files, capsys):
     assert invoke_mod.invoke(endpoint.url + "/invocations", [str(image_files / "notes.txt")]) == 1
     assert "answered 400" in capsys.readouterr().err
-    assert invoke_mod.invoke(endpoint.url, [str(image_files / "absent.jpg")]) == 1
-    assert "absent.jpg" in capsys.readouterr().err
+    with pytest.raises(invoke_mod.InvokeError, match="no such image file: .*absent.jpg"):
+        invoke_mod.invoke(endpoint.url, [str(image_files / "absent.jpg")])
     assert invoke_mod.invoke(f"http://127.0.0.1:{free_port()}", [str(image_files / "dog.jpg")]) == 1
     assert "cannot reach" in capsys.readouterr().err
 
@@ -418,10 +418,10 @@ def test_invoke_a_sagemaker_endpoint_by_name(moto_sagemaker, stubbed_runtime, en
 
 
 def test_invoke_names_a_missing_or_not_inservice_endpoint(moto_sagemaker, image_files, capsys):
-    assert invoke_mod.invoke("no-such-endpoint", [str(image_files / "dog.jpg")]) == 1
-    assert "'no-such-endpoint' does not exist in us-east-1" in capsys.readouterr().err
+    with pytest.raises(invoke_mod.InvokeError, match="'no-such-endpoint' does not exist in us-east-1"):
+        invoke_mod.invoke("no-such-endpoint", [str(image_files / "dog.jpg")])
     name = _deploy_on_moto("creating-endpoint")
     from moto.sagemaker.models import sagemaker_backends  # moto's endpoints are born InService
     sagemaker_backends["123456789012"]["us-east-1"].endpoints[name].endpoint_status = "Creating"
-    assert invoke_mod.invoke(name, [str(image_files / "dog.jpg")]) == 1
-    assert "is Creating, not InService" in capsys.readouterr().err
+    with pytest.raises(invoke_mod.InvokeError, match="is Creating, not InService"):
+        invoke_mod.invoke(name, [str(image_files / "dog.jpg")])

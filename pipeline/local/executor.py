@@ -34,6 +34,7 @@ from typing import Any, Callable
 
 from pipeline.errors import DefinitionError
 from pipeline.local import expressions as ex
+from pipeline.local.document import load_definition
 from pipeline.local.jobs import JobError, arn, bar, now_iso, read_json, run_training_job, write_json
 from pipeline.local.store import LocalStore
 from pipeline.local.tuner import TuningError, run_tuning_job
@@ -50,16 +51,6 @@ class StepFailed(Exception):
 
 
 # ---------------------------------------------------------------- definition
-
-def load_definition(text: str | dict, source: str = "definition") -> dict:
-    try:
-        d = json.loads(text) if isinstance(text, str) else text
-    except json.JSONDecodeError as e:
-        raise DefinitionError(f"{source}: not JSON ({e})") from None
-    if not isinstance(d, dict) or not isinstance(d.get("Steps"), list):
-        raise DefinitionError(f"{source}: a pipeline definition needs a Steps list")
-    return d
-
 
 def flatten_steps(steps: list[dict], parent: str | None = None, branch: str | None = None,
                   out: dict | None = None) -> dict[str, dict]:
