@@ -23,9 +23,16 @@ from botocore.exceptions import BotoCoreError, ClientError
 from pipeline.config import PIPELINE_TAG
 from pipeline.errors import ExecutionFailed
 from pipeline.params import check_overrides, split_overrides
-from pipeline.preflight import (  # noqa: F401  (re-exported: the checks were here before preflight.py)
-    ENDPOINT_IN_PROGRESS, ROLE_ARN_RE, AwsSetupError, _code, check_bucket, check_credentials, check_data,
-    check_endpoint, check_region, check_role, check_role_reads, preflight, simulation_client)
+from pipeline.preflight import (
+    AwsSetupError,
+    _code,
+    check_credentials,
+    check_data,
+    check_endpoint,
+    check_region,
+    preflight,
+    simulation_client,
+)
 from pipeline.s3uri import split_s3_uri
 
 # Our own ownership tag, set on the pipeline and (by the definition) on the models,

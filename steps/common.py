@@ -19,6 +19,11 @@ class DeterministicPyTorch(PyTorch):
     request (and the definition's hash, hence step caching) followed PYTHONHASHSEED.
     """
 
+    # The SDK writes the estimator's module into every tuning trial's static hyperparameters
+    # (sagemaker_estimator_module, for HyperparameterTuner.attach). It was defined in steps/train.py,
+    # which still exports it: keeping that name keeps the definition's bytes, and the step cache, as they were.
+    __module__ = "steps.train"
+
     def _prepare_collection_configs(self):
         super()._prepare_collection_configs()
         self.collection_configs = sorted(self.collection_configs, key=lambda c: c.name)

@@ -11,7 +11,8 @@ from sagemaker.debugger import CollectionConfig, DebuggerHookConfig, ProfilerCon
 from sagemaker.workflow.functions import Join
 from sagemaker.workflow.steps import TrainingStep
 
-from steps.common import channel_inputs, estimator
+from steps.common import DeterministicPyTorch, channel_inputs, estimator  # noqa: F401  (its module name: steps/common.py)
+
 
 def debugger_rule(rule, plan) -> Rule:
     """A built-in rule with the tensor collections it needs (e.g. relu_input for

@@ -18,7 +18,7 @@ import yaml
 from botocore.stub import Stubber
 
 import run_pipeline
-from pipeline import aws
+from pipeline import aws, preflight
 from pipeline.config import load_config, parse_config
 from pipeline.debugger_plan import RunSize, needs, plan, plan_for_config, run_size, saved_points
 from tests._aws_helpers import ACCOUNT, REGION, SAGEMAKER_TRUST, aws_env, fake_aws_env, moto_server  # noqa: F401
@@ -164,18 +164,18 @@ def test_role_check_passes_when_allowed_and_only_warns_when_it_cannot_ask(monkey
     iam, stub = _simulation([("s3:ListBucket", f"arn:aws:s3:::{BUCKET}", "allowed"),
                              ("s3:GetObject", f"arn:aws:s3:::{BUCKET}/dogImages/train/example.jpg", "allowed")])
     out = io.StringIO()
-    aws.check_role_reads(iam, ROLE_ARN, uri, out=out)
+    preflight.check_role_reads(iam, ROLE_ARN, uri, out=out)
     assert out.getvalue() == ""
     stub.assert_no_pending_responses()
     denied = boto3.client("iam", region_name=REGION)
     with Stubber(denied) as s:
         s.add_client_error("simulate_principal_policy", "AccessDenied", http_status_code=403)
-        aws.check_role_reads(denied, ROLE_ARN, uri, out=out)
+        preflight.check_role_reads(denied, ROLE_ARN, uri, out=out)
     assert "warning: cannot ask IAM whether the role may read" in out.getvalue()
     iam, _ = _simulation([("s3:ListBucket", f"arn:aws:s3:::{BUCKET}", "allowed"),
                           ("s3:GetObject", f"arn:aws:s3:::{BUCKET}/dogImages/train/example.jpg", "explicitDeny")])
     with pytest.raises(aws.AwsSetupError, match="may not s3:GetObject"):
-        aws.check_role_reads(iam, ROLE_ARN, uri)
+        preflight.check_role_reads(iam, ROLE_ARN, uri)
 
 
 def test_data_that_cannot_be_listed_is_refused_not_warned(monkeypatch):
@@ -184,7 +184,7 @@ def test_data_that_cannot_be_listed_is_refused_not_warned(monkeypatch):
     with Stubber(s3) as stub:
         stub.add_client_error("list_objects_v2", "AccessDenied", http_status_code=403)
         with pytest.raises(aws.AwsSetupError, match="these credentials cannot list it"):
-            aws.check_data(s3, "s3://locked-bucket/dogImages/")
+            preflight.check_data(s3, "s3://locked-bucket/dogImages/")
 
 
 # ---------------------------------------------------------------- item 9: images
@@ -301,9 +301,9 @@ def test_preflight_refuses_a_failed_endpoint_and_warns_about_one_in_progress(stu
     if refused:
         with pytest.raises(aws.AwsSetupError, match="endpoint dogbreed-endpoint is Failed \\(CannotStartContainerError\\)"
                                                     ": SageMaker cannot update a failed endpoint.*delete it first"):
-            aws.check_endpoint(sm, "dogbreed-endpoint", out=out)
+            preflight.check_endpoint(sm, "dogbreed-endpoint", out=out)
     else:
-        aws.check_endpoint(sm, "dogbreed-endpoint", out=out)
+        preflight.check_endpoint(sm, "dogbreed-endpoint", out=out)
         assert ("DeployEndpoint fails if it still is" in out.getvalue()) is (status == "Updating")
 
 
@@ -311,7 +311,7 @@ def test_preflight_lets_a_new_endpoint_be_created(stubbed_sm):
     sm, stub = stubbed_sm
     stub.add_client_error("describe_endpoint", "ValidationException", "Could not find endpoint", http_status_code=400)
     out = io.StringIO()
-    aws.check_endpoint(sm, "dogbreed-endpoint", out=out)
+    preflight.check_endpoint(sm, "dogbreed-endpoint", out=out)
     assert out.getvalue() == ""
 
 
