@@ -33,7 +33,7 @@ from pipeline.preflight import (
     preflight,
     simulation_client,
 )
-from pipeline.s3uri import split_s3_uri
+from pipeline.s3uri import code_uris, split_s3_uri
 
 # Our own ownership tag, set on the pipeline and (by the definition) on the models,
 # endpoint configs and endpoints its steps create: --cleanup deletes what carries it.
@@ -302,6 +302,21 @@ def upload_objects(s3, uploads: dict[str, bytes], out: TextIO = sys.stdout) -> i
         sent += 1
     return sent
 
+def check_code(s3, definition: str) -> None:
+    """Every source archive the definition names is in S3 (after upload_objects): a definition file
+    built from other code would otherwise fail at its first job, not here."""
+    for uri in code_uris(json.loads(definition)):
+        bucket, key = split_s3_uri(uri)
+        try:
+            s3.head_object(Bucket=bucket, Key=key)
+        except ClientError as e:
+            if _code(e) not in ("404", "NoSuchKey", "NotFound"):
+                raise
+            raise AwsSetupError(f"the definition's code {uri} is not in S3 ({_code(e)}) and is not what this "
+                                f"checkout builds: rebuild the definition (--definition) from this checkout, "
+                                f"or upload that archive") from None
+
+
 # ---------------------------------------------------------------- config-taking entry points
 # cfg is pipeline.config.Config: pipeline.name/.description, aws.region/.role/.bucket, data.uri, tags.
 
@@ -324,6 +339,7 @@ def execute(cfg, definition: str, params: list[str], wait: bool, display_name: s
     check_data(s3, data_uri, out=out, iam=simulation_client(session), role_arn=role)
     check_endpoint(sm, getattr(getattr(cfg, "endpoint", None), "name", None), out=out)
     upload_objects(s3, uploads or {}, out=out)
+    check_code(s3, definition)
     arn, created = upsert_pipeline(sm, name, definition, role, dict(cfg.tags),
                                    description=cfg.pipeline.description, bucket=bucket, s3=s3)
     print(f"{'created' if created else 'updated'} pipeline {arn}", file=out)

@@ -20,6 +20,7 @@ from pipeline.errors import ExecutionFailed
 from pipeline.local.document import load_definition
 from pipeline.local.executor import execute as interpret
 from pipeline.local.store import REPO_ROOT, LocalStore
+from pipeline.s3uri import code_uris
 
 
 def _ensure_data(cfg, store: LocalStore, data: str | None) -> None:
@@ -39,22 +40,7 @@ def _ensure_data(cfg, store: LocalStore, data: str | None) -> None:
 
 def _missing_code(definition: dict, store: LocalStore) -> list[str]:
     """The source archives (sagemaker_submit_directory) the definition names but the store lacks."""
-    found = []
-
-    def visit(v):
-        if isinstance(v, dict):
-            for k, x in v.items():
-                if k == "sagemaker_submit_directory" and isinstance(x, str):
-                    uri = x.strip('"')
-                    if uri.startswith("s3://") and not store.exists(uri):
-                        found.append(uri)
-                else:
-                    visit(x)
-        elif isinstance(v, list):
-            for x in v:
-                visit(x)
-    visit(definition.get("Steps", []))
-    return found
+    return [uri for uri in code_uris(definition) if not store.exists(uri)]
 
 
 def execute(cfg, definition: str, *, uploads: Callable[[], dict[str, bytes]], source: str = "definition",

@@ -37,3 +37,24 @@ def s3_key_problem(key: str) -> str | None:
         if "\\" in segment or "\0" in segment:
             return "has a backslash or NUL byte"
     return None
+
+
+def code_uris(definition: dict) -> list[str]:
+    """The source archives (sagemaker_submit_directory) a definition's steps name, in order, once each:
+    what must be in S3 (or the local store) before its jobs can start."""
+    found: list[str] = []
+
+    def visit(v):
+        if isinstance(v, dict):
+            for k, x in v.items():
+                if k == "sagemaker_submit_directory" and isinstance(x, str):
+                    uri = x.strip('"')
+                    if uri.startswith("s3://") and uri not in found:
+                        found.append(uri)
+                else:
+                    visit(x)
+        elif isinstance(v, list):
+            for x in v:
+                visit(x)
+    visit(definition.get("Steps", []))
+    return found

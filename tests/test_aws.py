@@ -182,6 +182,20 @@ def test_code_is_uploaded_once_and_data_uri_param_is_checked(account):
     assert rc == 0 and "uploaded" not in out  # unchanged: not sent again
 
 
+def test_a_definition_naming_code_that_is_not_in_s3_is_refused(account, capsys):
+    """A definition file built from other code: refused before the pipeline exists, not at its first job."""
+    uri = f"s3://{BUCKET}/dogbreed/code/ffff/sourcedir.tar.gz"
+    doc = json.loads(DEFINITION)
+    doc["Steps"] = [{"Name": "Train", "Type": "Training", "Arguments": {
+        "HyperParameters": {"sagemaker_submit_directory": json.dumps(uri)}}}]
+    rc, _ = run_execute(make_cfg(), definition=json.dumps(doc), params=[f"DataUri=s3://{BUCKET}/dogImages/"])
+    err = capsys.readouterr().err
+    assert rc == 1 and f"the definition's code {uri} is not in S3" in err and err.count("\n") == 1, err
+    assert _no_pipeline_created(account)
+    rc, out = run_execute(make_cfg(), definition=json.dumps(doc), uploads={uri: b"code"})
+    assert rc == 0, out
+
+
 def test_bad_display_name(account, capsys):
     rc, _ = run_execute(make_cfg(), display_name="my run!")
     assert rc == 1 and "display name 'my run!' is invalid" in capsys.readouterr().err
