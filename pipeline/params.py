@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from typing import Any, Iterable
 
-from pipeline.graph import all_steps
+from pipeline.local.dag import all_steps
 
 
 class ParameterError(ValueError):

@@ -209,7 +209,7 @@ def test_explicit_images_are_used_as_given_and_defaults_are_the_newest_the_sdk_k
 
 def test_retry_policies_only_on_step_types_that_accept_them():
     from pipeline.definition import RETRY_POLICY_STEP_TYPES
-    from pipeline.graph import all_steps
+    from pipeline.local.dag import all_steps
     definition = json.loads((ROOT / "tests" / "golden" / "pipeline.definition.json").read_text())
     seen = set()
     for step in all_steps(definition):

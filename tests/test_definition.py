@@ -19,7 +19,8 @@ import yaml
 from pipeline.config import load_config, parse_config
 from pipeline.definition import TUNING_EXCLUDES, Build, build, build_definition, code_uri, source_tarball
 from pipeline.params import check_overrides
-from pipeline.graph import all_steps, dag_edges, draw_dag
+from pipeline.graph import draw_dag
+from pipeline.local.dag import Dag, all_steps
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = ROOT / "tests" / "golden" / "pipeline.definition.json"
@@ -244,7 +245,7 @@ def test_metrics_objective_and_regexes(definitions, configs, variant):
 
 
 def test_dag_shape_and_edges(definitions):
-    edges = set(dag_edges(definitions["real"]))
+    edges = set(Dag(definitions["real"]).edges)
     assert edges == {
         ("TuneHyperparameters", "TrainModel", "data"),
         ("TrainModel", "Model-CreateModel", "data"),

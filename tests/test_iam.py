@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.graph import all_steps
+from pipeline.local.dag import all_steps
 from pipeline.images import debugger_rule_accounts, dlc_accounts
 
 ROOT = Path(__file__).resolve().parents[1]

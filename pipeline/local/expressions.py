@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from pipeline.local.dag import step_of_ref
+
 
 class ExpressionError(ValueError):
     """A reference that cannot be resolved (unknown parameter, step, property, path)."""
@@ -112,11 +114,9 @@ def get(ref: str, ctx: Context) -> Any:
         return ctx.execution[rest]
     if root == "Steps":
         # step names may contain '-' and '.', so match the longest known name
-        names = sorted((n for n in ctx.properties if rest == n or rest.startswith(n + ".") or rest.startswith(n + "[")),
-                       key=len, reverse=True)
-        if not names:
+        name = step_of_ref(rest, ctx.properties)
+        if name is None:
             raise ExpressionError(f"Get {ref!r}: step not run or unknown (have {sorted(ctx.properties)})")
-        name = names[0]
         path = rest[len(name):].lstrip(".")
         parts = split_path(path) if path else []
         if len(parts) == 2 and parts[0] == "PropertyFiles":
@@ -237,24 +237,6 @@ def evaluate_condition(cond: dict, ctx: Context) -> bool:
     if kind == "Or":
         return any(evaluate_condition(c, ctx) for c in cond["Conditions"])
     raise ExpressionError(f"unknown condition Type {kind!r}; known: {CONDITION_TYPES}")
-
-
-def references(value: Any) -> set[str]:
-    """Names of the steps a value refers to through Get/JsonGet (data dependencies)."""
-    found: set[str] = set()
-
-    def visit(v):
-        if isinstance(v, list):
-            for x in v:
-                visit(x)
-        elif isinstance(v, dict):
-            for k, x in v.items():
-                if k == "Get" and isinstance(x, str) and x.startswith("Steps."):
-                    found.add(x[len("Steps."):])
-                else:
-                    visit(x)
-    visit(value)
-    return found
 
 
 def read_json_file(path: Path, what: str) -> Any:
