@@ -13,7 +13,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -95,10 +95,10 @@ class IntegerRange(_Strict):
 
 class CategoricalRange(_Strict):
     type: Literal["categorical"]
-    values: list[Union[int, float, str]]
+    values: list[int | float | str]
 
 
-Range = Annotated[Union[ContinuousRange, IntegerRange, CategoricalRange], Field(discriminator="type")]
+Range = Annotated[ContinuousRange | IntegerRange | CategoricalRange, Field(discriminator="type")]
 RANGE_TYPES = ("continuous", "integer", "categorical")
 
 
@@ -128,7 +128,7 @@ class Training(_Strict):
     # resumes its own run and a new execution never resumes a stale one.
     checkpoint_prefix: str | None = None      # default s3://<bucket>/<prefix>/checkpoints
     # Passed to both scripts as --<key> <value>; the tuned ones come from the tuning step.
-    hyperparameters: dict[str, Union[str, int, float, bool]] = {}
+    hyperparameters: dict[str, str | int | float | bool] = {}
 
 
 class Rule(_Strict):
@@ -145,7 +145,7 @@ class Debugger(_Strict):
     # Steps between saved tensors. "auto": chosen from the run's size (pipeline.debugger_plan)
     # so every rule sees enough points on the smallest run the tuning ranges allow; a number
     # applies to the hook and every collection the rules ask for (AWS's rules ask for 500).
-    save_interval: Union[int, str] = "auto"    # steps between saves, or auto: from the run's size
+    save_interval: int | str = "auto"    # steps between saves, or auto: from the run's size
     # unset: the sample's sizes, else dogImages' 6,680 / 835
     dataset_images: ImageCounts | None = None  # [train, valid] images for auto
 
@@ -309,6 +309,7 @@ def metric_names() -> list[str]:
 def debugger_rule_names() -> list[str]:
     """Built-in Debugger rules the pinned SDK knows (sagemaker.debugger.rule_configs.<name>)."""
     import inspect
+
     from smdebug_rulesconfig.debugger_rules import builtin_rules
     return sorted(n for n, f in vars(builtin_rules).items()
                   if inspect.isfunction(f) and not n.startswith("_") and f.__module__ == builtin_rules.__name__)

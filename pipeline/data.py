@@ -91,9 +91,9 @@ def _fetch_into(url: str, part: Path, timeout: float, out: TextIO) -> int:
         m = re.match(r"bytes \*/(\d+)", e.headers.get("Content-Range", "") or "")
         if e.code == 416 and m and int(m.group(1)) == have:
             return have  # the partial file is already whole
-        raise DataError(f"download of {url} failed: HTTP {e.code} {e.reason}")
+        raise DataError(f"download of {url} failed: HTTP {e.code} {e.reason}") from None
     except urllib.error.URLError as e:
-        raise DataError(f"cannot reach {url}: {e.reason}")
+        raise DataError(f"cannot reach {url}: {e.reason}") from None
     with resp:
         length = int(resp.headers.get("Content-Length") or 0)
         if resp.status == 206:
@@ -146,7 +146,7 @@ def download(url: str, dest: Path, sha256: str | None = None, retries: int = 3, 
         except (OSError, http.client.HTTPException) as e:  # dropped connection, timeout, IncompleteRead
             if attempt == retries:
                 raise DataError(f"download of {url} interrupted {retries} times ({e}); "
-                                f"run again to resume from {part.stat().st_size if part.exists() else 0} bytes")
+                                f"run again to resume from {part.stat().st_size if part.exists() else 0} bytes") from None
             print(f"download interrupted ({e.__class__.__name__}); resuming", file=out)
             continue
         if part.stat().st_size == total:
@@ -199,7 +199,7 @@ def safe_extract(zip_path: Path, dest: Path, out: TextIO = sys.stdout) -> Path:
     try:
         zf = zipfile.ZipFile(zip_path)
     except zipfile.BadZipFile as e:
-        raise DataError(f"{zip_path} is not a valid zip file ({e}); delete it and run again")
+        raise DataError(f"{zip_path} is not a valid zip file ({e}); delete it and run again") from None
     with zf:
         members = zf.infolist()
         files, folders = set(), set()

@@ -6,7 +6,8 @@ same overrides with the same messages, judged from the definition alone.
 from __future__ import annotations
 
 import re
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from pipeline.local.dag import all_steps
 

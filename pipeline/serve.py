@@ -651,7 +651,7 @@ class Endpoint:
         except OSError:
             return ""
 
-    def wait_ready(self, timeout: float = 120.0) -> "Endpoint":
+    def wait_ready(self, timeout: float = 120.0) -> Endpoint:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

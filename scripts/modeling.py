@@ -14,8 +14,8 @@ import re
 from pathlib import Path
 
 import torch
-from torch import nn
 import torchvision
+from torch import nn
 from torchvision import transforms
 
 # ImageNet statistics: what every torchvision classification weight was trained with.

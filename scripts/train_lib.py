@@ -795,8 +795,8 @@ def shrink_micro_batch(ctx: Context, micro: int, batch: int) -> None:
                          f"(--batch-size {batch} per process); with several processes set it explicitly, "
                          f"e.g. --micro-batch-size {max(1, micro // 2)}")
     if micro <= 1:
-        raise InputError(f"--image-size: CUDA out of memory with a micro-batch of 1 image; the model does not "
-                         f"fit this GPU: use a smaller --image-size or --arch, or a GPU with more memory")
+        raise InputError("--image-size: CUDA out of memory with a micro-batch of 1 image; the model does not "
+                         "fit this GPU: use a smaller --image-size or --arch, or a GPU with more memory")
     ctx.micro_batch = micro // 2
     log(f"CUDA out of memory at {micro} images per forward/backward: accumulating gradients over micro-batches "
         f"of {ctx.micro_batch} (the batch stays {batch}; pass --micro-batch-size {ctx.micro_batch} to start there)",

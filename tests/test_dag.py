@@ -116,3 +116,12 @@ def test_malformed_definitions_refused(steps, message):
     with pytest.raises(DefinitionError) as e:
         Dag({"Steps": steps})
     assert message in str(e.value)
+
+
+def test_definition_docstring_draws_every_step():
+    """pipeline/definition.py opens with the DAG drawn: every step of the built definition is in it."""
+    import ast
+    source = (Path(__file__).resolve().parents[1] / "pipeline" / "definition.py").read_text()
+    drawing = ast.get_docstring(ast.parse(source))
+    missing = [name for name in Dag(json.loads(GOLDEN.read_text())).steps if name not in drawing]
+    assert not missing, f"pipeline/definition.py's docstring does not draw {missing}"

@@ -18,9 +18,9 @@ import yaml
 
 from pipeline.config import load_config, parse_config
 from pipeline.definition import TUNING_EXCLUDES, Build, build, build_definition, code_uri, source_tarball
-from pipeline.params import check_overrides
 from pipeline.graph import draw_dag
 from pipeline.local.dag import Dag, all_steps
+from pipeline.params import check_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = ROOT / "tests" / "golden" / "pipeline.definition.json"

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.local.dag import all_steps
 from pipeline.images import debugger_rule_accounts, dlc_accounts
+from pipeline.local.dag import all_steps
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = ROOT / "infra" / "template.yaml"

@@ -27,13 +27,14 @@ import sys
 import tarfile
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from pipeline.local import expressions as ex
 from pipeline.local.dag import Dag, DefinitionError
 from pipeline.local.jobs import JobError, RecordError, arn, bar, now_iso, read_json, run_training_job, write_json
-from pipeline.local.store import LocalStore, REPO_ROOT
+from pipeline.local.store import REPO_ROOT, LocalStore
 from pipeline.local.tuner import TuningError, run_tuning_job
 from pipeline.params import ParameterError, resolve_parameters
 

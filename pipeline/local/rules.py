@@ -33,7 +33,11 @@ with warnings.catch_warnings():  # smdebug's generated protobuf code trips proto
     warnings.simplefilter("ignore", DeprecationWarning)
     from smdebug.core.modes import ModeKeys
     from smdebug.exceptions import (
-        RuleEvaluationConditionMet, StepUnavailable, TensorUnavailable, TensorUnavailableForStep)
+        RuleEvaluationConditionMet,
+        StepUnavailable,
+        TensorUnavailable,
+        TensorUnavailableForStep,
+    )
     from smdebug.rules.rule import Rule
     from smdebug.trials import create_trial
 

@@ -141,7 +141,7 @@ class Endpoint:
         errors = re.findall(r"MODEL_LOG - ([\w.]*(?:Error|Exception)\b.*)", text)
         return errors[-1] if errors else "the worker died while loading the model"
 
-    def wait_ready(self, timeout: float = 180.0, load_attempts: int = 3) -> "Endpoint":
+    def wait_ready(self, timeout: float = 180.0, load_attempts: int = 3) -> Endpoint:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
