@@ -68,7 +68,8 @@ def check_credentials(session: boto3.Session) -> str:
     try:
         return session.client("sts").get_caller_identity()["Account"]
     except ClientError as e:
-        raise AwsSetupError(f"AWS rejected the credentials ({_code(e)}): {e.response['Error'].get('Message', '')}") from None
+        raise AwsSetupError(f"AWS rejected the credentials ({_code(e)}): "
+                            f"{e.response['Error'].get('Message', '')}") from None
     except BotoCoreError as e:
         raise AwsSetupError(f"could not check the AWS credentials: {e}") from None
 
@@ -118,7 +119,8 @@ def check_bucket(session: boto3.Session, bucket: str | None, region: str) -> Non
         resp = session.client("s3").head_bucket(Bucket=bucket)
     except ClientError as e:
         if _code(e) in ("404", "NoSuchBucket", "NotFound"):
-            raise AwsSetupError(f"S3 bucket {bucket!r} does not exist (deploy infra/template.yaml, or fix aws.bucket / --bucket)") from None
+            raise AwsSetupError(f"S3 bucket {bucket!r} does not exist "
+                                "(deploy infra/template.yaml, or fix aws.bucket / --bucket)") from None
         if _code(e) in ("403", "AccessDenied"):
             raise AwsSetupError(f"no access to S3 bucket {bucket!r} with these credentials") from None
         raise
@@ -185,7 +187,8 @@ def ci_description(env=os.environ) -> str:
     if env.get("GITHUB_SHA"):
         run = f"{env.get('GITHUB_SERVER_URL', 'https://github.com')}/{env.get('GITHUB_REPOSITORY', '')}" \
               f"/actions/runs/{env.get('GITHUB_RUN_ID', '')}"
-        return f"commit {env['GITHUB_SHA']} on {env.get('GITHUB_REF_NAME', '?')} by {env.get('GITHUB_ACTOR', '?')}: {run}"
+        return (f"commit {env['GITHUB_SHA']} on {env.get('GITHUB_REF_NAME', '?')} "
+                f"by {env.get('GITHUB_ACTOR', '?')}: {run}")
     return "started with run_pipeline.py --execute"
 
 

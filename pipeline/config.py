@@ -43,7 +43,8 @@ class _Strict(BaseModel):
 class Sample(_Strict):
     """Generate pipeline.sample_data's dataset at `data.uri` for local runs (no download)."""
     num_classes: int = Field(4, ge=2, le=133)
-    per_class: Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=3, max_length=3)] = [24, 6, 6]  # train, valid, test
+    # train, valid, test
+    per_class: Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=3, max_length=3)] = [24, 6, 6]
     image_size: int = Field(64, ge=16, le=1024)
     seed: int = 0
 
@@ -361,7 +362,8 @@ def _check(cfg: Config) -> None:
         if not _INSTANCE.match(inst.type):
             _fail(src, f"{where}.type", f"a SageMaker instance type like 'ml.g4dn.xlarge'; got {inst.type!r}")
     if not _INSTANCE.match(cfg.endpoint.instance_type):
-        _fail(src, "endpoint.instance_type", f"a SageMaker instance type like 'ml.m5.large'; got {cfg.endpoint.instance_type!r}")
+        _fail(src, "endpoint.instance_type",
+              f"a SageMaker instance type like 'ml.m5.large'; got {cfg.endpoint.instance_type!r}")
     for where, spot, inst in (("tuning", cfg.tuning.spot, cfg.tuning.instance),
                               ("training", cfg.training.spot, cfg.training.instance)):
         if spot.enabled and spot.max_wait_s < inst.max_run_s:
@@ -425,7 +427,8 @@ def _check(cfg: Config) -> None:
             _fail(src, where, f"letters, digits and single hyphens, 1-63 chars; got {name!r}")
     if len(cfg.endpoint.name) > 63 - 13:
         # The endpoint config is named <endpoint>-<execution id (12 chars)>.
-        _fail(src, "endpoint.name", f"at most 50 chars (its configs append an execution id); got {len(cfg.endpoint.name)}")
+        _fail(src, "endpoint.name",
+              f"at most 50 chars (its configs append an execution id); got {len(cfg.endpoint.name)}")
     if not _DURATION.match(cfg.cache.expire_after):
         _fail(src, "cache.expire_after", f"an ISO 8601 duration like 'P30D' or 'PT12H'; got {cfg.cache.expire_after!r}")
     if not cfg.registry.content_types or not cfg.registry.response_types:
@@ -437,7 +440,8 @@ def _check(cfg: Config) -> None:
     _check_debugger_plan(cfg)
 
 
-_IMAGE_URI = re.compile(r"^(\d{12})\.dkr\.ecr\.([a-z0-9-]+)\.amazonaws\.com(\.cn)?/[a-z0-9._/-]+(:[\w.-]+|@sha256:[0-9a-f]{64})$")
+_IMAGE_URI = re.compile(r"^(\d{12})\.dkr\.ecr\.([a-z0-9-]+)\.amazonaws\.com(\.cn)?/[a-z0-9._/-]+"
+                        r"(:[\w.-]+|@sha256:[0-9a-f]{64})$")
 
 
 def image_processor(uri: str) -> str | None:
@@ -468,7 +472,8 @@ def _check_images(cfg: Config) -> None:
         for where, itype in instances:
             want = "gpu" if gpu_instance(itype) else "cpu"
             if processor and processor != want:
-                _fail(src, field, f"a {want.upper()} image for {where} {itype}; got the {processor.upper()} image {uri}")
+                _fail(src, field,
+                      f"a {want.upper()} image for {where} {itype}; got the {processor.upper()} image {uri}")
     if f.training_image is None or f.inference_image is None:
         from pipeline.images import sdk_image_versions
         for field, scope, version, explicit in (
@@ -526,7 +531,8 @@ def parse_config(raw: Any, source: str = "<config>", region: str | None = None,
                  role: str | None = None, bucket: str | None = None) -> Config:
     """Validate an already-parsed YAML document (a dict) into a Config."""
     if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: expected a mapping of sections (pipeline, aws, data, ...), got {type(raw).__name__}")
+        raise ConfigError(f"{source}: expected a mapping of sections (pipeline, aws, data, ...), "
+                          f"got {type(raw).__name__}")
     raw = dict(raw)
     aws = dict(raw.get("aws") or {}) if isinstance(raw.get("aws", {}), dict) else raw.get("aws")
     if isinstance(aws, dict):
@@ -568,8 +574,8 @@ class _BoundedLoader(yaml.SafeLoader):
         if self.check_event(yaml.AliasEvent):
             self._aliases += 1
             if self._aliases > MAX_YAML_ALIASES:
-                raise _LimitError(f"more than {MAX_YAML_ALIASES} YAML aliases (*name) (limit DOGBREED_MAX_YAML_ALIASES); "
-                                  f"write the values out")
+                raise _LimitError(f"more than {MAX_YAML_ALIASES} YAML aliases (*name) "
+                                  "(limit DOGBREED_MAX_YAML_ALIASES); write the values out")
         self._depth += 1
         try:
             if self._depth > MAX_YAML_DEPTH:

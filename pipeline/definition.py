@@ -181,7 +181,8 @@ def sagemaker_pipeline(cfg: Config, session, code_s3_uri: str, tuning_code_s3_ur
     cache = CacheConfig(enable_caching=cfg.cache.enabled, expire_after=cfg.cache.expire_after)
     metric_definitions = scripts_module("metrics").METRIC_DEFINITIONS
 
-    step_tune = tuning_step(cfg, session, code_uri=tuning_code_s3_uri or code_s3_uri, params=params, metric_definitions=metric_definitions,
+    step_tune = tuning_step(cfg, session, code_uri=tuning_code_s3_uri or code_s3_uri, params=params,
+                            metric_definitions=metric_definitions,
                             image_uri=image(cfg, "training", cfg.tuning.instance.type),
                             cache_config=cache, retry_policies=retry["tuning"])
     step_train = training_step(cfg, session, step_tune=step_tune, code_uri=code_s3_uri, params=params,

@@ -57,7 +57,8 @@ def draw_dag(definition_json: str, path: str | os.PathLike, statuses: dict[str, 
         rows.setdefault(layer[n], []).append(n)
 
     width = max(len(r) for r in rows.values())
-    box_w, box_h, gap_x, gap_y = 3.7, 0.9, 0.5, 0.9  # wide enough for "Package-RegisterModel · RegisterModel · Succeeded"
+    # wide enough for "Package-RegisterModel · RegisterModel · Succeeded"
+    box_w, box_h, gap_x, gap_y = 3.7, 0.9, 0.5, 0.9
     pos = {}
     for r, members in rows.items():
         span = len(members) * box_w + (len(members) - 1) * gap_x

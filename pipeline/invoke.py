@@ -61,7 +61,8 @@ def _sagemaker_caller(name: str, region: str | None):
     import boto3
     from botocore.exceptions import BotoCoreError, ClientError
 
-    region = region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or boto3.Session().region_name
+    region = (region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+              or boto3.Session().region_name)
     if not region:
         raise InvokeError(f"endpoint {name!r}: no AWS region; pass --region or set AWS_REGION")
     try:  # boto3 honours AWS_ENDPOINT_URL (e.g. a moto server) for both clients
@@ -106,7 +107,8 @@ def invoke(target: str, images: list[str], raw_json: bool = False, region: str |
     paths = [Path(p) for p in images]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
-        print(f"error: --invoke: no such image file: {', '.join(missing)}; give paths of JPEG or PNG files", file=sys.stderr)
+        print(f"error: --invoke: no such image file: {', '.join(missing)}; give paths of JPEG or PNG files",
+              file=sys.stderr)
         return 1
     try:
         call = _http_caller(target) if target.startswith(("http://", "https://")) else _sagemaker_caller(target, region)

@@ -383,7 +383,8 @@ def drop_unreadable(found: dict[str, list[Path]], split: str, split_dir: Path,
     return kept
 
 
-def scan_dataset(dirs: dict[str, Path], max_bad_images: float = 0.0) -> tuple[list[str], dict[str, list[tuple[Path, int]]]]:
+def scan_dataset(dirs: dict[str, Path],
+                 max_bad_images: float = 0.0) -> tuple[list[str], dict[str, list[tuple[Path, int]]]]:
     """Class names (from train/) and (path, class index) samples per split; every image's
     header checked up front (drop_unreadable), so a corrupt test/ image stops the job before
     training, not after it."""
@@ -483,8 +484,8 @@ class ImageList(Dataset):
         try:
             return self.transform(path), target
         except Exception as err:  # its header passed the scan, its pixels do not decode
-            raise InputError(f"{path}: image cannot be decoded ({' '.join(f'{type(err).__name__}: {err}'.split())[:200]}); "
-                             f"replace or delete it") from None
+            why = " ".join(f"{type(err).__name__}: {err}".split())[:200]
+            raise InputError(f"{path}: image cannot be decoded ({why}); replace or delete it") from None
 
 
 def cpus_per_process() -> int:

@@ -67,7 +67,8 @@ def test_nested_condition_branches():
     # a branch step waits for its own condition only, not the one around it
     assert dag.predecessors["Deploy"] == {"Inner", "Config"}
     assert dag.order == ["Train", "Outer", "Config", "Inner", "Deploy", "Stop", "TooLow"]
-    assert [s["Name"] for s in all_steps({"Steps": [outer]})] == ["Outer", "Config", "Inner", "Deploy", "Stop", "TooLow"]
+    assert [s["Name"] for s in all_steps({"Steps": [outer]})] == \
+        ["Outer", "Config", "Inner", "Deploy", "Stop", "TooLow"]
 
 
 def test_cycle_refused_naming_its_steps():

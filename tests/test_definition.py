@@ -414,8 +414,8 @@ def test_two_processes_build_identical_bytes_offline(tmp_path):
                                              "AWS_REGION": "eu-west-1"})):
         out = tmp_path / seed
         out.mkdir()
-        cmd = [sys.executable, "-c", _NO_NETWORK, "--definition", str(out / "out.json"), "--graph", str(out / "dag.png"),
-               "--region", "us-east-1"]
+        cmd = [sys.executable, "-c", _NO_NETWORK, "--definition", str(out / "out.json"),
+               "--graph", str(out / "dag.png"), "--region", "us-east-1"]
         procs.append(subprocess.Popen(cmd, cwd=ROOT, env={**env, **extra, "PYTHONHASHSEED": seed},
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     for p in procs:

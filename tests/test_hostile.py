@@ -490,10 +490,14 @@ def test_a_run_killed_during_the_endpoint_step_leaves_no_server_behind(tmp_path)
     definition = tmp_path / "definition.json"
     definition.write_text(json.dumps(_endpoint_definition("s3://toy-bucket/model/model.tar.gz")))
     record = store.root / ".sagemaker" / "endpoints" / "hostile-endpoint.json"
-    script = ("import json, sys\nfrom pipeline.local.executor import execute\nfrom pipeline.local.store import LocalStore\n"
-              "execute(json.load(open(sys.argv[1])), store=LocalStore(sys.argv[2]), run_dir=sys.argv[3], report=False)\n")
+    script = ("import json, sys\n"
+              "from pipeline.local.executor import execute\n"
+              "from pipeline.local.store import LocalStore\n"
+              "execute(json.load(open(sys.argv[1])), store=LocalStore(sys.argv[2]), run_dir=sys.argv[3], "
+              "report=False)\n")
     run = subprocess.Popen([PY, "-c", script, str(definition), str(store.root), str(tmp_path / "run")], cwd=ROOT,
-                           env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                           env={**os.environ, "OMP_NUM_THREADS": "1"},
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     orphan = None
     try:
         deadline = time.monotonic() + 120

@@ -61,7 +61,8 @@ def predict_fn(data, model):
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    return make_model_dir(tmp_path_factory.mktemp("serve") / "model", extra_code={"testing_inference.py": TESTING_PROGRAM})
+    return make_model_dir(tmp_path_factory.mktemp("serve") / "model",
+                          extra_code={"testing_inference.py": TESTING_PROGRAM})
 
 
 @pytest.fixture(scope="module")

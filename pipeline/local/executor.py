@@ -413,8 +413,9 @@ class Execution:
 
     def _tuning(self, name: str, args: dict) -> dict:
         sdir = self.step_dir(name)
-        job = read_json(sdir / "job_name.json") or \
-            f"{self.record['PipelineExecutionId'][:12]}-{re.sub(r'[^A-Za-z0-9-]', '-', name)[:12]}-{secrets.token_hex(2)}"
+        job = read_json(sdir / "job_name.json") or (
+            f"{self.record['PipelineExecutionId'][:12]}-{re.sub(r'[^A-Za-z0-9-]', '-', name)[:12]}-"
+            f"{secrets.token_hex(2)}")
         write_json(sdir / "job_name.json", job)
         describe = run_tuning_job(job, args, self.store, sdir, progress=self.say)
         write_json(sdir / "leaderboard.json", describe.get("TrainingJobSummaries", []))

@@ -299,7 +299,8 @@ class PoorWeightInitialization(_Base):
         gradients = self._values(self._collection("gradients"), step)
         if gradients:
             self.seen["gradients"] += 1
-            spread = {name: float(np.percentile(v, 95) - np.percentile(v, 5)) for name, v in gradients.items() if v.size}
+            spread = {name: float(np.percentile(v, 95) - np.percentile(v, 5))
+                      for name, v in gradients.items() if v.size}
             narrowest = min(spread, key=spread.get)
             if spread[narrowest] < self.distribution_range:
                 return self._issue(step, f"{narrowest}: 5th-95th percentile range {spread[narrowest]:.3g} "

@@ -86,7 +86,8 @@ def java_missing() -> str | None:
     """None when a Java runtime is on PATH; else what to install."""
     if shutil.which("java"):
         return None
-    return "java is not on PATH: TorchServe needs a Java 17 runtime (Debian/Ubuntu: apt-get install openjdk-17-jre-headless)"
+    return ("java is not on PATH: TorchServe needs a Java 17 runtime "
+            "(Debian/Ubuntu: apt-get install openjdk-17-jre-headless)")
 
 
 class Endpoint:
