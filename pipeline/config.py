@@ -40,11 +40,13 @@ class _Strict(BaseModel):
 
 # --- data ---------------------------------------------------------------------
 
+_PerSplit = Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=3, max_length=3)]
+
+
 class Sample(_Strict):
     """Generate pipeline.sample_data's dataset at `data.uri` for local runs (no download)."""
     num_classes: int = Field(4, ge=2, le=133)
-    # train, valid, test
-    per_class: Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=3, max_length=3)] = [24, 6, 6]
+    per_class: _PerSplit = [24, 6, 6]  # train, valid, test
     image_size: int = Field(64, ge=16, le=1024)
     seed: int = 0
 

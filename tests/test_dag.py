@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.local.dag import Dag, DefinitionError, all_steps, references, step_of_ref
+from pipeline.local.dag import EDGE_KINDS, Dag, DefinitionError, all_steps, references, step_of_ref
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "pipeline.definition.json"
 
@@ -36,6 +36,7 @@ def test_golden_definition_edges_by_kind_and_order():
         "else": {("CheckAccuracy", "AccuracyTooLow")},
     }
     assert len(dag.edges) == 10  # no edge twice
+    assert set(by_kind) <= set(EDGE_KINDS)
     assert dag.order == ["TuneHyperparameters", "TrainModel", "Model-CreateModel", "Package-RegisterModel",
                          "CheckAccuracy", "CreateEndpointConfig", "DeployEndpoint", "AccuracyTooLow"]
     position = {n: i for i, n in enumerate(dag.order)}
