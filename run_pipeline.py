@@ -46,7 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--keep-endpoint", action="store_true", help="--local: keep the endpoint up after the run")
     run.add_argument("--wait", action="store_true", help="AWS: wait for the execution and show step statuses")
     run.add_argument("--display-name", help="AWS: execution display name (default: commit SHA in CI)")
-    run.add_argument("--cleanup", action="store_true", help="AWS: delete endpoints/configs/models this pipeline created")
+    run.add_argument("--cleanup", action="store_true",
+                     help="AWS: delete endpoints/configs/models this pipeline created")
     run.add_argument("--yes", action="store_true", help="--cleanup: do not ask before deleting")
 
     data = p.add_argument_group("data")

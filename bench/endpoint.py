@@ -225,7 +225,8 @@ def summarise(runs: list[dict], clients: int) -> dict:
     return {"p50_ms_per_round": [percentile(r["latencies"], 50) for r in runs],
             "throughput_rps_per_round": per_round,"cpu_ms_per_request": cpu_ms,
             # a server that has the whole machine to itself, all cores busy: cores / CPU cost
-            "throughput_rps_if_cpu_bound_on_all_cores": (os.cpu_count() or 1) * 1000 / cpu_ms if cpu_ms else None,"clients": clients, "requests": len(latencies), "errors": sum(r["errors"] for r in runs),
+            "throughput_rps_if_cpu_bound_on_all_cores": (os.cpu_count() or 1) * 1000 / cpu_ms if cpu_ms else None,
+            "clients": clients, "requests": len(latencies), "errors": sum(r["errors"] for r in runs),
             "p50_ms": percentile(latencies, 50), "p99_ms": percentile(latencies, 99), "min_ms": min(latencies) * 1000,
             "throughput_rps": len(latencies) / sum(r["wall"] for r in runs),
             "throughput_rps_best_round": max(per_round), "throughput_rps_median_round": statistics.median(per_round)}
@@ -387,7 +388,8 @@ def server_table(measured: dict, clients: int, envs: dict) -> list[str]:
         rows.append(f"| raw forward, {name} | in process | {raw['p50_ms']:.1f} | {raw['p99_ms']:.1f} | | | | |")
     for name, m in measured["servers"].items():
         one, many = m["one_client"], m[f"{clients}_clients"]
-        shown = {k: v for k, v in envs.get(name, {}).items() if k.startswith(("SAGEMAKER_MODEL_SERVER", "SAGEMAKER_TS", "OMP"))}
+        shown = {k: v for k, v in envs.get(name, {}).items()
+                 if k.startswith(("SAGEMAKER_MODEL_SERVER", "SAGEMAKER_TS", "OMP"))}
         env = ", ".join(f"{k}={v}" for k, v in shown.items()) or "-"
         rows.append(f"| {name} | {env} | {one['p50_ms']:.1f} | {one['p99_ms']:.1f} | {one['throughput_rps']:.2f} | "
                     f"{many['throughput_rps']:.2f} | {many['cpu_ms_per_request']:.0f} | {m['rss_mb']:.0f} |")
@@ -418,8 +420,10 @@ def compare(args, tmp: Path, archives: dict, body: bytes, photos: list[bytes]) -
     tput_ratio = deployed[many]["throughput_rps"] / today[many]["throughput_rps"]
     local_p50 = local["one_client"]["p50_ms"] / deployed["one_client"]["p50_ms"]
     local_tput = local[many]["throughput_rps"] / deployed[many]["throughput_rps"]
-    round_p50 = [d / t for d, t in zip(deployed["one_client"]["p50_ms_per_round"], today["one_client"]["p50_ms_per_round"])]
-    round_tput = [d / t for d, t in zip(deployed[many]["throughput_rps_per_round"], today[many]["throughput_rps_per_round"])]
+    round_p50 = [d / t for d, t in zip(deployed["one_client"]["p50_ms_per_round"],
+                                       today["one_client"]["p50_ms_per_round"])]
+    round_tput = [d / t for d, t in zip(deployed[many]["throughput_rps_per_round"],
+                                        today[many]["throughput_rps_per_round"])]
     agree = {name: sum(a == b for a, b in zip(ans, reference)) for name, ans in answers.items()}
     result = {
         "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -452,12 +456,14 @@ def compare(args, tmp: Path, archives: dict, body: bytes, photos: list[bytes]) -
                 "value": round(local_tput, 3), "target": ">= 1.0", "met": local_tput >= 1.0},
             # the earlier local-server targets (issue 3), kept comparable
             "local_server_p50_over_raw_forward_fast_path": {
-                "value": round(local["one_client"]["p50_ms"] / measured["raw_forward"]["ONNX Runtime (fast path)"]["p50_ms"], 3),
+                "value": round(local["one_client"]["p50_ms"]
+                               / measured["raw_forward"]["ONNX Runtime (fast path)"]["p50_ms"], 3),
                 "target": "<= 1.10", "met": local["one_client"]["p50_ms"]
                 <= 1.10 * measured["raw_forward"]["ONNX Runtime (fast path)"]["p50_ms"]},
             f"local_server_{args.clients}_over_1_client_throughput": {
                 "value": round(local[many]["throughput_rps"] / local["one_client"]["throughput_rps"], 3),
-                "target": ">= 1.5", "met": local[many]["throughput_rps"] >= 1.5 * local["one_client"]["throughput_rps"]},
+                "target": ">= 1.5",
+                "met": local[many]["throughput_rps"] >= 1.5 * local["one_client"]["throughput_rps"]},
             "same_top1_on_photos": {"value": agree, "target": f"{len(photos)} each",
                                     "met": all(v == len(photos) for v in agree.values())},
         },
@@ -468,7 +474,8 @@ def compare(args, tmp: Path, archives: dict, body: bytes, photos: list[bytes]) -
              *server_table(measured, args.clients, result["settings"]["environments"]), "",
              "| target | value | met |", "|---|---|---|"]
     for name, t in result["targets"].items():
-        rounds = f" (per round: median {t['per_round_median']}, best {t['per_round_best']})" if "per_round_best" in t else ""
+        rounds = (f" (per round: median {t['per_round_median']}, best {t['per_round_best']})"
+                  if "per_round_best" in t else "")
         lines.append(f"| {name} {t['target']} | {t['value']}{rounds} | {'yes' if t['met'] else 'no'} |")
     write(result, Path(args.out), "\n".join(lines) + "\n")
     return 0
@@ -486,7 +493,8 @@ KNOBS = {  # name -> Environment over serving_env's base (steps/model.py); None 
 def knobs(args, tmp: Path, archives: dict, body: bytes) -> int:
     base = {k: v for k, v in serving_env(INSTANCE_TYPE).items()
             if k not in ("SAGEMAKER_MODEL_SERVER_WORKERS", "OMP_NUM_THREADS")}
-    specs = {"today: defaults, model.pth": ("stack", archives["today"], {"SAGEMAKER_MODEL_SERVER_WORKERS": str(os.cpu_count())})}
+    specs = {"today: defaults, model.pth": ("stack", archives["today"],
+                                            {"SAGEMAKER_MODEL_SERVER_WORKERS": str(os.cpu_count())})}
     specs.update({name: ("stack", archives["deployed"], {**base, **env}) for name, env in KNOBS.items()})
     servers = start_servers(specs, tmp)
     try:

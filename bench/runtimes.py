@@ -36,7 +36,6 @@ sys.path.insert(0, str(ROOT))
 import export  # noqa: E402  scripts/export.py
 import modeling  # noqa: E402
 
-
 BASE = "torch eager, channels_last (today's torch path)"
 
 
@@ -49,7 +48,8 @@ def candidates(net: torch.nn.Module, onnx_bytes: bytes, threads: int) -> dict:
         compiled = torch.compile(__import__("copy").deepcopy(net).to(memory_format=torch.channels_last))
         compiled(torch.zeros(1, 3, 224, 224).contiguous(memory_format=torch.channels_last))
         compiled(torch.zeros(8, 3, 224, 224).contiguous(memory_format=torch.channels_last))
-        out["torch.compile (inductor), channels_last"] = lambda x: compiled(x.contiguous(memory_format=torch.channels_last))
+        out["torch.compile (inductor), channels_last"] = \
+            lambda x: compiled(x.contiguous(memory_format=torch.channels_last))
     except Exception as err:  # noqa: BLE001
         out["torch.compile (inductor), channels_last"] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
     try:
@@ -96,7 +96,8 @@ def natural_images(n: int, size: int, seed: int = 0) -> torch.Tensor:
     for _ in range(n):
         coarse = rng.uniform(0, 1, (3, 8, 8))
         smooth = torch.nn.functional.interpolate(torch.tensor(coarse)[None], size=(size, size), mode="bicubic")[0]
-        smooth = smooth + 0.05 * torch.randn(3, size, size, generator=torch.Generator().manual_seed(int(rng.integers(1e9))))
+        noise = torch.Generator().manual_seed(int(rng.integers(1e9)))
+        smooth = smooth + 0.05 * torch.randn(3, size, size, generator=noise)
         mean = torch.tensor(modeling.IMAGENET_MEAN)[:, None, None]
         std = torch.tensor(modeling.IMAGENET_STD)[:, None, None]
         images.append(((smooth.clamp(0, 1) - mean) / std).float())
@@ -137,7 +138,7 @@ def main(argv=None) -> int:
         b8 = {k: [] for k in usable}
         for r in range(args.rounds):
             print(f"round {r + 1}/{args.rounds}", flush=True)
-            for i in range(args.per_round):  # one call per candidate in turn: they share the load
+            for _ in range(args.per_round):  # one call per candidate in turn: they share the load
                 for name, fn in usable.items():
                     start = time.perf_counter()
                     fn(x1)
@@ -166,12 +167,14 @@ def main(argv=None) -> int:
                           "note": "shared 2-core machine: ratios from interleaved rounds, absolute times noisy"},
               "versions": {"python": platform.python_version(), "torch": torch.__version__},
               "settings": {k: getattr(args, k) for k in ("arch", "image_size", "classes", "threads", "rounds",
-                                                          "per_round")} | {"OMP_WAIT_POLICY": os.environ["OMP_WAIT_POLICY"]},
+                                                          "per_round")}
+              | {"OMP_WAIT_POLICY": os.environ["OMP_WAIT_POLICY"]},
               "runtimes": rows}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    lines = ["| runtime | batch 1 p50 (ms) | vs eager | batch 8 per image (ms) | vs eager | max prob diff | top-1 equal |",
+    lines = ["| runtime | batch 1 p50 (ms) | vs eager | batch 8 per image (ms) | vs eager | max prob diff "
+             "| top-1 equal |",
              "|---|---|---|---|---|---|---|"]
     for row in rows:
         if "skipped" in row:

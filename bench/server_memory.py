@@ -43,6 +43,7 @@ def main() -> int:
     args = p.parse_args()
 
     import psutil
+
     from pipeline import serve as serve_mod
     from tests._serve_helpers import make_model_dir
 

@@ -15,7 +15,8 @@ import os
 import re
 import sys
 import time
-from typing import Callable, Iterable, TextIO
+from collections.abc import Callable, Iterable
+from typing import TextIO
 
 import boto3
 from botocore.exceptions import BotoCoreError, ClientError
@@ -88,7 +89,8 @@ def ci_description(env=os.environ) -> str:
     if env.get("GITHUB_SHA"):
         run = f"{env.get('GITHUB_SERVER_URL', 'https://github.com')}/{env.get('GITHUB_REPOSITORY', '')}" \
               f"/actions/runs/{env.get('GITHUB_RUN_ID', '')}"
-        return f"commit {env['GITHUB_SHA']} on {env.get('GITHUB_REF_NAME', '?')} by {env.get('GITHUB_ACTOR', '?')}: {run}"
+        return (f"commit {env['GITHUB_SHA']} on {env.get('GITHUB_REF_NAME', '?')} "
+                f"by {env.get('GITHUB_ACTOR', '?')}: {run}")
     return "started with run_pipeline.py --execute"
 
 

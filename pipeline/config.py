@@ -13,7 +13,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -41,10 +41,13 @@ class _Strict(BaseModel):
 
 # --- data ---------------------------------------------------------------------
 
+_PerSplit = Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=3, max_length=3)]
+
+
 class Sample(_Strict):
     """Generate pipeline.sample_data's dataset at `data.uri` for local runs (no download)."""
     num_classes: int = Field(4, ge=2, le=133)
-    per_class: Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=3, max_length=3)] = [24, 6, 6]  # train, valid, test
+    per_class: _PerSplit = [24, 6, 6]  # train, valid, test
     image_size: int = Field(64, ge=16, le=1024)
     seed: int = 0
 
@@ -96,10 +99,10 @@ class IntegerRange(_Strict):
 
 class CategoricalRange(_Strict):
     type: Literal["categorical"]
-    values: list[Union[int, float, str]]
+    values: list[int | float | str]
 
 
-Range = Annotated[Union[ContinuousRange, IntegerRange, CategoricalRange], Field(discriminator="type")]
+Range = Annotated[ContinuousRange | IntegerRange | CategoricalRange, Field(discriminator="type")]
 RANGE_TYPES = ("continuous", "integer", "categorical")
 
 
@@ -129,7 +132,7 @@ class Training(_Strict):
     # resumes its own run and a new execution never resumes a stale one.
     checkpoint_prefix: str | None = None      # default s3://<bucket>/<prefix>/checkpoints
     # Passed to both scripts as --<key> <value>; the tuned ones come from the tuning step.
-    hyperparameters: dict[str, Union[str, int, float, bool]] = {}
+    hyperparameters: dict[str, str | int | float | bool] = {}
 
 
 class Rule(_Strict):
@@ -146,7 +149,7 @@ class Debugger(_Strict):
     # Steps between saved tensors. "auto": chosen from the run's size (pipeline.debugger_plan)
     # so every rule sees enough points on the smallest run the tuning ranges allow; a number
     # applies to the hook and every collection the rules ask for (AWS's rules ask for 500).
-    save_interval: Union[int, str] = "auto"    # steps between saves, or auto: from the run's size
+    save_interval: int | str = "auto"    # steps between saves, or auto: from the run's size
     # unset: the sample's sizes, else dogImages' 6,680 / 835
     dataset_images: ImageCounts | None = None  # [train, valid] images for auto
 
@@ -310,6 +313,7 @@ def metric_names() -> list[str]:
 def debugger_rule_names() -> list[str]:
     """Built-in Debugger rules the pinned SDK knows (sagemaker.debugger.rule_configs.<name>)."""
     import inspect
+
     from smdebug_rulesconfig.debugger_rules import builtin_rules
     return sorted(n for n, f in vars(builtin_rules).items()
                   if inspect.isfunction(f) and not n.startswith("_") and f.__module__ == builtin_rules.__name__)
@@ -361,7 +365,8 @@ def _check(cfg: Config) -> None:
         if not _INSTANCE.match(inst.type):
             _fail(src, f"{where}.type", f"a SageMaker instance type like 'ml.g4dn.xlarge'; got {inst.type!r}")
     if not _INSTANCE.match(cfg.endpoint.instance_type):
-        _fail(src, "endpoint.instance_type", f"a SageMaker instance type like 'ml.m5.large'; got {cfg.endpoint.instance_type!r}")
+        _fail(src, "endpoint.instance_type",
+              f"a SageMaker instance type like 'ml.m5.large'; got {cfg.endpoint.instance_type!r}")
     for where, spot, inst in (("tuning", cfg.tuning.spot, cfg.tuning.instance),
                               ("training", cfg.training.spot, cfg.training.instance)):
         if spot.enabled and spot.max_wait_s < inst.max_run_s:
@@ -425,7 +430,8 @@ def _check(cfg: Config) -> None:
             _fail(src, where, f"letters, digits and single hyphens, 1-63 chars; got {name!r}")
     if len(cfg.endpoint.name) > 63 - 13:
         # The endpoint config is named <endpoint>-<execution id (12 chars)>.
-        _fail(src, "endpoint.name", f"at most 50 chars (its configs append an execution id); got {len(cfg.endpoint.name)}")
+        _fail(src, "endpoint.name",
+              f"at most 50 chars (its configs append an execution id); got {len(cfg.endpoint.name)}")
     if not _DURATION.match(cfg.cache.expire_after):
         _fail(src, "cache.expire_after", f"an ISO 8601 duration like 'P30D' or 'PT12H'; got {cfg.cache.expire_after!r}")
     if not cfg.registry.content_types or not cfg.registry.response_types:
@@ -437,7 +443,8 @@ def _check(cfg: Config) -> None:
     _check_debugger_plan(cfg)
 
 
-_IMAGE_URI = re.compile(r"^(\d{12})\.dkr\.ecr\.([a-z0-9-]+)\.amazonaws\.com(\.cn)?/[a-z0-9._/-]+(:[\w.-]+|@sha256:[0-9a-f]{64})$")
+_IMAGE_URI = re.compile(r"^(\d{12})\.dkr\.ecr\.([a-z0-9-]+)\.amazonaws\.com(\.cn)?/[a-z0-9._/-]+"
+                        r"(:[\w.-]+|@sha256:[0-9a-f]{64})$")
 
 
 def image_processor(uri: str) -> str | None:
@@ -468,7 +475,8 @@ def _check_images(cfg: Config) -> None:
         for where, itype in instances:
             want = "gpu" if gpu_instance(itype) else "cpu"
             if processor and processor != want:
-                _fail(src, field, f"a {want.upper()} image for {where} {itype}; got the {processor.upper()} image {uri}")
+                _fail(src, field,
+                      f"a {want.upper()} image for {where} {itype}; got the {processor.upper()} image {uri}")
     if f.training_image is None or f.inference_image is None:
         from pipeline.images import sdk_image_versions
         for field, scope, version, explicit in (
@@ -526,7 +534,8 @@ def parse_config(raw: Any, source: str = "<config>", region: str | None = None,
                  role: str | None = None, bucket: str | None = None) -> Config:
     """Validate an already-parsed YAML document (a dict) into a Config."""
     if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: expected a mapping of sections (pipeline, aws, data, ...), got {type(raw).__name__}")
+        raise ConfigError(f"{source}: expected a mapping of sections (pipeline, aws, data, ...), "
+                          f"got {type(raw).__name__}")
     raw = dict(raw)
     aws = dict(raw.get("aws") or {}) if isinstance(raw.get("aws", {}), dict) else raw.get("aws")
     if isinstance(aws, dict):
@@ -568,8 +577,8 @@ class _BoundedLoader(yaml.SafeLoader):
         if self.check_event(yaml.AliasEvent):
             self._aliases += 1
             if self._aliases > MAX_YAML_ALIASES:
-                raise _LimitError(f"more than {MAX_YAML_ALIASES} YAML aliases (*name) (limit DOGBREED_MAX_YAML_ALIASES); "
-                                  f"write the values out")
+                raise _LimitError(f"more than {MAX_YAML_ALIASES} YAML aliases (*name) "
+                                  "(limit DOGBREED_MAX_YAML_ALIASES); write the values out")
         self._depth += 1
         try:
             if self._depth > MAX_YAML_DEPTH:

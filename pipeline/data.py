@@ -92,9 +92,9 @@ def _fetch_into(url: str, part: Path, timeout: float, out: TextIO) -> int:
         m = re.match(r"bytes \*/(\d+)", e.headers.get("Content-Range", "") or "")
         if e.code == 416 and m and int(m.group(1)) == have:
             return have  # the partial file is already whole
-        raise DataError(f"download of {url} failed: HTTP {e.code} {e.reason}")
+        raise DataError(f"download of {url} failed: HTTP {e.code} {e.reason}") from None
     except urllib.error.URLError as e:
-        raise DataError(f"cannot reach {url}: {e.reason}")
+        raise DataError(f"cannot reach {url}: {e.reason}") from None
     with resp:
         length = int(resp.headers.get("Content-Length") or 0)
         if resp.status == 206:
@@ -146,8 +146,9 @@ def download(url: str, dest: Path, sha256: str | None = None, retries: int = 3, 
             total = _fetch_into(url, part, timeout, out)
         except (OSError, http.client.HTTPException) as e:  # dropped connection, timeout, IncompleteRead
             if attempt == retries:
+                have = part.stat().st_size if part.exists() else 0
                 raise DataError(f"download of {url} interrupted {retries} times ({e}); "
-                                f"run again to resume from {part.stat().st_size if part.exists() else 0} bytes")
+                                f"run again to resume from {have} bytes") from None
             print(f"download interrupted ({e.__class__.__name__}); resuming", file=out)
             continue
         if part.stat().st_size == total:
@@ -200,7 +201,7 @@ def safe_extract(zip_path: Path, dest: Path, out: TextIO = sys.stdout) -> Path:
     try:
         zf = zipfile.ZipFile(zip_path)
     except zipfile.BadZipFile as e:
-        raise DataError(f"{zip_path} is not a valid zip file ({e}); delete it and run again")
+        raise DataError(f"{zip_path} is not a valid zip file ({e}); delete it and run again") from None
     with zf:
         members = zf.infolist()
         files, folders = set(), set()
@@ -219,7 +220,8 @@ def safe_extract(zip_path: Path, dest: Path, out: TextIO = sys.stdout) -> Path:
         dest.parent.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(dest.parent).free
         if need > free:
-            raise DataError(f"extracting {zip_path} needs {need / 1e9:.1f} GB, {dest.parent} has {free / 1e9:.1f} GB free")
+            raise DataError(f"extracting {zip_path} needs {need / 1e9:.1f} GB, "
+                            f"{dest.parent} has {free / 1e9:.1f} GB free")
         with atomic_dir(dest) as tmp:
             bar = _Progress(f"extracting {zip_path.name}", len(members), unit="files", scale=1, out=out)
             for info in members:
@@ -250,7 +252,8 @@ def find_root(path: Path) -> Path:
     path = Path(path)
     if all((path / s).is_dir() for s in SPLITS):
         return path
-    subs = [p for p in path.iterdir() if p.is_dir() and not p.name.startswith((".", "__MACOSX"))] if path.is_dir() else []
+    subs = ([p for p in path.iterdir() if p.is_dir() and not p.name.startswith((".", "__MACOSX"))]
+            if path.is_dir() else [])
     if len(subs) == 1 and all((subs[0] / s).is_dir() for s in SPLITS):
         return subs[0]
     raise DataError(f"{path} has no {'/, '.join(SPLITS)}/ folders (nor a single subfolder with them)")
@@ -294,13 +297,15 @@ def verify_dataset(root: Path, strict: bool = True) -> dict[str, dict[str, int]]
             if sorted(classes) != DOG_CLASS_DIRS:
                 errors.append(f"expected the {len(DOG_CLASS_DIRS)} dogImages classes (001.Affenpinscher .. "
                               f"133.Yorkshire_terrier), found {len(classes)}: missing "
-                              f"{sorted(set(DOG_CLASS_DIRS) - classes)[:3]}, extra {sorted(classes - set(DOG_CLASS_DIRS))[:3]}")
+                              f"{sorted(set(DOG_CLASS_DIRS) - classes)[:3]}, "
+                              f"extra {sorted(classes - set(DOG_CLASS_DIRS))[:3]}")
             for split, expected in DOG_SPLIT_SIZES.items():
                 got = sum(counts.get(split, {}).values())
                 if split in counts and got != expected:
                     errors.append(f"{split}/ has {got} images, dogImages has {expected}")
     if errors:
-        hint = "" if not strict else " (for a dataset other than dogImages, verify with strict=False / data.strict: false)"
+        hint = ("" if not strict else
+                " (for a dataset other than dogImages, verify with strict=False / data.strict: false)")
         raise DataError(f"dataset {root} is not valid{hint}:\n  - " + "\n  - ".join(errors))
     return counts
 

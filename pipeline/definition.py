@@ -1,7 +1,36 @@
 """The pipeline, wired from typed config: Tune -> Train -> Model -> gate -> Endpoint | Fail.
 
+                    TuneHyperparameters         Tuning: scripts/hpo.py trials, Bayesian search
+                            |                   on the validation metric (steps/tune.py)
+                            | best trial's hyperparameters
+                            v
+                        TrainModel              Training: scripts/train_model.py, Debugger
+                            |                   rules and profiler (steps/train.py)
+        +-------------------+------------------+----------------------------+
+        | model.tar.gz      | model.tar.gz     | test accuracy              :
+        v                   v                  v                            :
+  Model-CreateModel  Package-RegisterModel  CheckAccuracy                   :
+   (steps/model.py)    (model package        test accuracy >=               :
+        :               group, with the      AccuracyThreshold?             :
+        :               test accuracy)       (steps/deploy.py)              :
+        :                                      |                 |          :
+        :                                      | if              | else     :
+        :                                      v                 v          :
+        :.........................> CreateEndpointConfig    AccuracyTooLow <:
+          the model's name                     |            Fail step with
+                                               v            the accuracy
+                                         DeployEndpoint
+                                   (Create/UpdateEndpoint)
+
+  Each arrow: the lower step runs after the upper one, because it reads a property of it
+  (labelled where it helps) or sits in the condition's if / else branch; the JSON needs no
+  DependsOn. Dotted arrows are the same kind, dotted only where they cross the others.
+  pipeline/local/dag.py is the one model of these edges; `python run_pipeline.py --graph
+  docs/dag.png` draws them from the definition itself.
+
 `build_definition(cfg)` returns the definition JSON that AWS runs and the local
 executor interprets, built offline (moto) and byte-identical for the same commit.
+`sagemaker_pipeline` only wires the steps; each step is built in its steps/ module.
 """
 from __future__ import annotations
 
@@ -110,24 +139,18 @@ def parameters(cfg: Config) -> Params:
     )
 
 
-def sagemaker_pipeline(cfg: Config, session, code_s3_uri: str, tuning_code_s3_uri: str | None = None):
-    """The sagemaker Pipeline object; the code tarballs must already be at code_s3_uri (training)
-    and tuning_code_s3_uri (tuning trials; default: the training one)."""
-    from sagemaker.workflow.pipeline import Pipeline
-    from sagemaker.workflow.pipeline_definition_config import PipelineDefinitionConfig
-    from sagemaker.workflow.retry import (SageMakerJobExceptionTypeEnum, SageMakerJobStepRetryPolicy,
-                                          StepExceptionTypeEnum, StepRetryPolicy)
-    from sagemaker.workflow.steps import CacheConfig
-
-    from steps.deploy import gate_step
-    from steps.model import model_steps
-    from steps.train import training_step
-    from steps.tune import tuning_step
-
-    params = parameters(cfg)
+def retry_policies(cfg: Config) -> dict[str, list]:
+    """The config's retry knobs as the RetryPolicies each kind of step takes: "service" (Model,
+    RegisterModel), "job" (Training), "tuning" (Tuning) - only what AWS accepts for each
+    (RETRY_POLICY_STEP_TYPES)."""
+    from sagemaker.workflow.retry import (
+        SageMakerJobExceptionTypeEnum,
+        SageMakerJobStepRetryPolicy,
+        StepExceptionTypeEnum,
+        StepRetryPolicy,
+    )
     r = cfg.retry
     retry = dict(max_attempts=r.max_attempts, interval_seconds=r.interval_s, backoff_rate=r.backoff_rate)
-    # Retry policies go only on the step types AWS accepts them for (RETRY_POLICY_STEP_TYPES).
     service_retry = [StepRetryPolicy(exception_types=[StepExceptionTypeEnum.SERVICE_FAULT,
                                                       StepExceptionTypeEnum.THROTTLING], **retry)]
     job_retry = service_retry + [SageMakerJobStepRetryPolicy(
@@ -138,19 +161,37 @@ def sagemaker_pipeline(cfg: Config, session, code_s3_uri: str, tuning_code_s3_ur
     tuning_retry = service_retry + [SageMakerJobStepRetryPolicy(
         exception_types=[SageMakerJobExceptionTypeEnum.CAPACITY_ERROR,
                          SageMakerJobExceptionTypeEnum.RESOURCE_LIMIT], **retry)]
+    return {"service": service_retry, "job": job_retry, "tuning": tuning_retry}
+
+
+def sagemaker_pipeline(cfg: Config, session, code_s3_uri: str, tuning_code_s3_uri: str | None = None):
+    """The sagemaker Pipeline object; the code tarballs must already be at code_s3_uri (training)
+    and tuning_code_s3_uri (tuning trials; default: the training one)."""
+    from sagemaker.workflow.pipeline import Pipeline
+    from sagemaker.workflow.pipeline_definition_config import PipelineDefinitionConfig
+    from sagemaker.workflow.steps import CacheConfig
+
+    from steps.deploy import gate_step
+    from steps.model import model_steps
+    from steps.train import training_step
+    from steps.tune import tuning_step
+
+    params = parameters(cfg)
+    retry = retry_policies(cfg)
     cache = CacheConfig(enable_caching=cfg.cache.enabled, expire_after=cfg.cache.expire_after)
     metric_definitions = scripts_module("metrics").METRIC_DEFINITIONS
 
-    step_tune = tuning_step(cfg, session, code_uri=tuning_code_s3_uri or code_s3_uri, params=params, metric_definitions=metric_definitions,
+    step_tune = tuning_step(cfg, session, code_uri=tuning_code_s3_uri or code_s3_uri, params=params,
+                            metric_definitions=metric_definitions,
                             image_uri=image(cfg, "training", cfg.tuning.instance.type),
-                            cache_config=cache, retry_policies=tuning_retry)
+                            cache_config=cache, retry_policies=retry["tuning"])
     step_train = training_step(cfg, session, step_tune=step_tune, code_uri=code_s3_uri, params=params,
                                metric_definitions=metric_definitions,
                                image_uri=image(cfg, "training", cfg.training.instance.type),
-                               cache_config=cache, retry_policies=job_retry)
+                               cache_config=cache, retry_policies=retry["job"])
     step_model, step_register = model_steps(cfg, session, step_train=step_train, params=params,
                                             image_uri=image(cfg, "inference", cfg.endpoint.instance_type),
-                                            retry_policies=service_retry)
+                                            retry_policies=retry["service"])
     step_gate = gate_step(cfg, session, step_train=step_train, step_model=step_model, params=params)
     return Pipeline(
         name=cfg.pipeline.name,
@@ -214,6 +255,3 @@ def build_definition(cfg: Config, object_store=None) -> str:
         for uri, data in result.uploads.items():
             object_store.put_bytes(uri, data)
     return result.definition
-
-
-# --- per-execution parameter overrides ----------------------------------------

@@ -1,18 +1,17 @@
-"""The DAG of a pipeline definition: its edges, and a PNG of it (matplotlib only).
+"""A PNG of a pipeline definition's DAG (matplotlib only).
 
-Edges come from DependsOn, from property references (`{"Get": "Steps.X..."}`: the
-service orders those too, with no DependsOn in the JSON) and from condition branches.
+Steps, edges and rows come from the one model of the DAG, pipeline/local/dag.py: a box per
+step, one row below everything it waits for; an arrow per edge, styled by its kind
+(DependsOn, property reference, condition if / else).
 """
 from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 
 from pipeline.files import atomic_path
-
-_STEP_REF = re.compile(r"^Steps\.([^.\[]+)")
+from pipeline.local.dag import Dag
 
 STATUS_COLOURS = {
     "Succeeded": "#b7e1b0", "Failed": "#f4a6a6", "Executing": "#a8c8f0", "Starting": "#a8c8f0",
@@ -21,76 +20,6 @@ STATUS_COLOURS = {
 }
 TYPE_COLOURS = {"Fail": "#fde2e2", "Condition": "#fff3c4"}
 DEFAULT_COLOUR = "#eef2f7"
-
-
-def all_steps(definition: dict) -> list[dict]:
-    """Every step, those inside condition branches included, in definition order."""
-    out = []
-
-    def walk(steps):
-        for step in steps:
-            out.append(step)
-            if step.get("Type") == "Condition":
-                walk(step["Arguments"].get("IfSteps", []))
-                walk(step["Arguments"].get("ElseSteps", []))
-    walk(definition.get("Steps", []))
-    return out
-
-
-def step_refs(value) -> list[str]:
-    """Names of the steps whose properties `value` reads (Get Steps.X...), in order, once each."""
-    found: list[str] = []
-
-    def walk(v):
-        if isinstance(v, dict):
-            get = v.get("Get")
-            if isinstance(get, str) and (m := _STEP_REF.match(get)) and m.group(1) not in found:
-                found.append(m.group(1))
-            for item in v.values():
-                walk(item)
-        elif isinstance(v, list):
-            for item in v:
-                walk(item)
-    walk(value)
-    return found
-
-
-def dag_edges(definition: dict) -> list[tuple[str, str, str]]:
-    """(src, dst, kind), kind in {'depends', 'data', 'if', 'else'}: dst runs after src."""
-    edges: list[tuple[str, str, str]] = []
-    for step in all_steps(definition):
-        name = step["Name"]
-        for dep in step.get("DependsOn", []):
-            edges.append((dep, name, "depends"))
-        args = step.get("Arguments", {})
-        if step.get("Type") == "Condition":
-            args = {"Conditions": args.get("Conditions", [])}
-            for kind in ("if", "else"):
-                for child in step["Arguments"].get(f"{kind.capitalize()}Steps", []):
-                    edges.append((name, child["Name"], kind))
-        for src in step_refs(args):
-            if (src, name, "depends") not in edges:
-                edges.append((src, name, "data"))
-    return edges
-
-
-def _layers(names: list[str], edges) -> dict[str, int]:
-    """Longest path from a source: each step one row below everything it waits for."""
-    preds: dict[str, set[str]] = {n: set() for n in names}
-    for src, dst, _ in edges:
-        if src in preds and dst in preds:
-            preds[dst].add(src)
-    layer: dict[str, int] = {}
-
-    def depth(n, seen=()):
-        if n in seen:
-            raise ValueError(f"cycle in the pipeline DAG through step {n!r}")
-        if n not in layer:
-            layer[n] = 1 + max((depth(p, seen + (n,)) for p in preds[n]), default=-1)
-        return layer[n]
-    for n in names:
-        depth(n)
-    return layer
 
 
 def _implied(edges) -> set[tuple[str, str]]:
@@ -118,17 +47,18 @@ def draw_dag(definition_json: str, path: str | os.PathLike, statuses: dict[str, 
     from matplotlib.patches import FancyArrowPatch, FancyBboxPatch, Patch
 
     definition = json.loads(definition_json) if isinstance(definition_json, str) else definition_json
-    steps = all_steps(definition)
-    names = [s["Name"] for s in steps]
-    by_name = {s["Name"]: s for s in steps}
-    edges = dag_edges(definition)
-    layer = _layers(names, edges)
+    dag = Dag(definition)
+    names = list(dag.steps)
+    by_name = {name: node.step for name, node in dag.steps.items()}
+    edges = dag.edges
+    layer = dag.layers()
     rows: dict[int, list[str]] = {}
     for n in names:
         rows.setdefault(layer[n], []).append(n)
 
     width = max(len(r) for r in rows.values())
-    box_w, box_h, gap_x, gap_y = 3.7, 0.9, 0.5, 0.9  # wide enough for "Package-RegisterModel · RegisterModel · Succeeded"
+    # wide enough for "Package-RegisterModel · RegisterModel · Succeeded"
+    box_w, box_h, gap_x, gap_y = 3.7, 0.9, 0.5, 0.9
     pos = {}
     for r, members in rows.items():
         span = len(members) * box_w + (len(members) - 1) * gap_x

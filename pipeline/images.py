@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 
-@lru_cache(maxsize=None)
+@cache
 def _sdk_config(name: str) -> dict:
     spec = importlib.util.find_spec("sagemaker")
     root = Path(next(iter(spec.submodule_search_locations)))

@@ -63,7 +63,8 @@ def _sagemaker_caller(name: str, region: str | None):
     import boto3
     from botocore.exceptions import BotoCoreError, ClientError
 
-    region = region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or boto3.Session().region_name
+    region = (region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+              or boto3.Session().region_name)
     if not region:
         raise InvokeError(f"endpoint {name!r}: no AWS region; pass --region or set AWS_REGION")
     try:  # boto3 honours AWS_ENDPOINT_URL (e.g. a moto server) for both clients

@@ -13,8 +13,8 @@ and the object store to the interpreter (pipeline/local/executor.py), which read
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from pipeline.errors import ExecutionFailed
 from pipeline.local.document import load_definition

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 # Before the SDK is imported anywhere: no v2 banner, no instance-metadata probing.
 os.environ.setdefault("SAGEMAKER_SUPPRESS_V2_WARNING", "1")

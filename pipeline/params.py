@@ -6,10 +6,11 @@ same overrides with the same messages, judged from the definition alone.
 from __future__ import annotations
 
 import re
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from pipeline.errors import DefinitionError
-from pipeline.graph import all_steps
+from pipeline.local.dag import all_steps
 
 
 class ParameterError(DefinitionError):

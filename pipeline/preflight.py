@@ -54,9 +54,10 @@ def check_credentials(session: boto3.Session) -> str:
     try:
         return session.client("sts").get_caller_identity()["Account"]
     except ClientError as e:
-        raise AwsSetupError(f"AWS rejected the credentials ({_code(e)}): {e.response['Error'].get('Message', '')}")
+        raise AwsSetupError(f"AWS rejected the credentials ({_code(e)}): "
+                            f"{e.response['Error'].get('Message', '')}") from None
     except BotoCoreError as e:
-        raise AwsSetupError(f"could not check the AWS credentials: {e}")
+        raise AwsSetupError(f"could not check the AWS credentials: {e}") from None
 
 
 def _trusts_sagemaker(policy) -> bool:
@@ -86,7 +87,7 @@ def check_role(session: boto3.Session, role_arn: str | None, out: TextIO = sys.s
     except ClientError as e:
         if _code(e) == "NoSuchEntity":
             raise AwsSetupError(f"IAM role {m.group(2)!r} does not exist in account {m.group(1)} "
-                                f"(deploy infra/template.yaml, or fix aws.role / --role)")
+                                f"(deploy infra/template.yaml, or fix aws.role / --role)") from None
         if _code(e) in ("AccessDenied", "AccessDeniedException"):
             # Not being allowed to read a role is no proof it is missing: say so and go on.
             print(f"warning: cannot read IAM role {m.group(2)} ({_code(e)}); not checking that it exists", file=out)
@@ -104,9 +105,10 @@ def check_bucket(session: boto3.Session, bucket: str | None, region: str) -> Non
         resp = session.client("s3").head_bucket(Bucket=bucket)
     except ClientError as e:
         if _code(e) in ("404", "NoSuchBucket", "NotFound"):
-            raise AwsSetupError(f"S3 bucket {bucket!r} does not exist (deploy infra/template.yaml, or fix aws.bucket / --bucket)")
+            raise AwsSetupError(f"S3 bucket {bucket!r} does not exist "
+                                "(deploy infra/template.yaml, or fix aws.bucket / --bucket)") from None
         if _code(e) in ("403", "AccessDenied"):
-            raise AwsSetupError(f"no access to S3 bucket {bucket!r} with these credentials")
+            raise AwsSetupError(f"no access to S3 bucket {bucket!r} with these credentials") from None
         raise
     where = resp.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("x-amz-bucket-region")
     if where and where != region:
@@ -131,9 +133,9 @@ def check_data(s3, data_uri: str, out: TextIO = sys.stdout, iam=None, role_arn: 
         found = s3.list_objects_v2(Bucket=bucket, Prefix=prefix.rstrip("/") + "/" if prefix else "", MaxKeys=1)
     except ClientError as e:
         if _code(e) in ("NoSuchBucket", "404"):
-            raise AwsSetupError(f"data URI {data_uri}: bucket {bucket!r} does not exist")
+            raise AwsSetupError(f"data URI {data_uri}: bucket {bucket!r} does not exist") from None
         raise AwsSetupError(f"data URI {data_uri}: these credentials cannot list it ({_code(e)}); use data in the "
-                            f"artifact bucket (leave data.uri unset) or grant s3:ListBucket on {bucket}")
+                            f"artifact bucket (leave data.uri unset) or grant s3:ListBucket on {bucket}") from None
     if not found.get("KeyCount", len(found.get("Contents", []))):
         raise AwsSetupError(f"no data at {data_uri}: run `python run_pipeline.py --prepare-data` first "
                             f"(or pass --param DataUri=s3://...)")

@@ -437,7 +437,8 @@ def build_app(model_dir: Path, *, program: str | None = None, max_batch_size: in
                 raise HTTPError(503, "model is still loading: retry when GET /ping answers 200")
             response = await asyncio.wait_for(handle(request, meta), timeout_s)
         except asyncio.TimeoutError:
-            response = JSONResponse({"error": f"no answer within {timeout_s:g} s (the request timeout)"}, status_code=504)
+            response = JSONResponse({"error": f"no answer within {timeout_s:g} s (the request timeout)"},
+                                    status_code=504)
         except ClientDisconnect:
             response = Response(status_code=499)
         except Exception as err:  # noqa: BLE001 - the contract: every failure is a JSON answer
@@ -537,7 +538,8 @@ def serve(model: str | os.PathLike, host: str = "127.0.0.1", port: int | None = 
         server = _server_class()(config)
         log.info("serving %s on %s (max_batch_size=%d, max_batch_delay=%gms, timeout=%gs, torch threads=%d, "
                  "max_queued=%gMB, idle_timeout=%gs, header_timeout=%gs)", model, url, max_batch_size,
-                 max_batch_delay_ms, timeout_s, torch.get_num_threads(), max_queued_mb, idle_timeout_s, header_timeout_s)
+                 max_batch_delay_ms, timeout_s, torch.get_num_threads(), max_queued_mb, idle_timeout_s,
+                 header_timeout_s)
         if url_file:
             tmp = Path(url_file + ".tmp")
             tmp.write_text(url)
@@ -653,7 +655,7 @@ class Endpoint:
         except OSError:
             return ""
 
-    def wait_ready(self, timeout: float = 120.0) -> "Endpoint":
+    def wait_ready(self, timeout: float = 120.0) -> Endpoint:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -712,12 +714,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Serve a model.tar.gz or model dir (SageMaker's serving contract).")
     p.add_argument("model")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=None, help="0 picks a free port (default: SAGEMAKER_BIND_TO_PORT or 8080)")
+    p.add_argument("--port", type=int, default=None,
+                   help="0 picks a free port (default: SAGEMAKER_BIND_TO_PORT or 8080)")
     p.add_argument("--program", help="handler file in code/ (default: SAGEMAKER_PROGRAM or inference.py)")
     p.add_argument("--max-batch-size", type=int, default=8, help="images per forward pass")
     p.add_argument("--max-batch-delay-ms", type=float, default=5.0, help="wait this long for more requests")
     p.add_argument("--timeout-s", type=float, default=60.0, help="per-request timeout (SageMaker: 60 s)")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: OMP_NUM_THREADS or CPUs)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (default: OMP_NUM_THREADS or CPUs)")
     p.add_argument("--url-file", help="write the server's URL here once bound")
     p.add_argument("--max-queued-mb", type=float, default=DEFAULT_MAX_QUEUED_MB,
                    help="memory for request bodies and decoded images held at once; beyond it 503")

@@ -72,7 +72,8 @@ def image_batches(paths: list[Path], meta: dict, load_image, batch_size: int = 3
     """Test images preprocessed exactly as inference.py does (load_image: train_lib's
     reduced-scale decode, the same as serving's)."""
     transform = modeling.eval_transform(int(meta["resize_size"]), int(meta["image_size"]),
-                                        meta.get("mean", modeling.IMAGENET_MEAN), meta.get("std", modeling.IMAGENET_STD))
+                                        meta.get("mean", modeling.IMAGENET_MEAN),
+                                        meta.get("std", modeling.IMAGENET_STD))
     for start in range(0, len(paths), batch_size):
         yield torch.stack([transform(load_image(p, int(meta["resize_size"]))) for p in paths[start:start + batch_size]])
 
@@ -98,7 +99,8 @@ def export_model_dir(model_dir: str | os.PathLike, test_images: list[Path], load
         data = to_onnx_bytes(net, int(meta["image_size"]), opset)
         fast = modeling.OnnxNet(data, threads=torch.get_num_threads())
     except Exception as err:  # an exporter or runtime limitation: the torch model still serves
-        raise ExportSkipped(f"export failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
+        first_line = str(err).splitlines()[0] if str(err) else ""
+        raise ExportSkipped(f"export failed: {type(err).__name__}: {first_line}") from err
     check = compare(net, fast, image_batches(test_images, meta, load_image), tolerance)
     if not check["passed"]:
         raise ExportSkipped(f"ONNX Runtime disagrees with PyTorch on the test split: top-1 equal on "

@@ -270,7 +270,8 @@ def _decode_json(body: bytes | str) -> list[bytes]:
     try:
         payload = json.loads(body)
     except (ValueError, UnicodeDecodeError, RecursionError) as err:  # RecursionError: '[' nested 100,000 deep
-        raise InferenceError(400, f"body is not valid JSON ({err}): send {{\"instances\": [{{\"b64\": \"...\"}}]}}") from err
+        raise InferenceError(400, f"body is not valid JSON ({err}): "
+                                  f"send {{\"instances\": [{{\"b64\": \"...\"}}]}}") from err
     instances = payload.get("instances") if isinstance(payload, dict) else None
     if not isinstance(instances, list) or not instances:
         raise InferenceError(400, 'JSON body needs a non-empty "instances" list: '
@@ -281,7 +282,8 @@ def _decode_json(body: bytes | str) -> list[bytes]:
     for i, instance in enumerate(instances):
         encoded = instance.get("b64") if isinstance(instance, dict) else None
         if not isinstance(encoded, str):
-            raise InferenceError(400, f'instances[{i}] must be {{"b64": "<base64 JPEG or PNG>"}}, got {type(instance).__name__}'
+            raise InferenceError(400, f'instances[{i}] must be {{"b64": "<base64 JPEG or PNG>"}}, '
+                                      f'got {type(instance).__name__}'
                                       + (f" with keys {sorted(instance)}" if isinstance(instance, dict) else ""))
         try:
             files.append(base64.b64decode(encoded, validate=True))

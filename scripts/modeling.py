@@ -14,8 +14,8 @@ import re
 from pathlib import Path
 
 import torch
-from torch import nn
 import torchvision
+from torch import nn
 from torchvision import transforms
 
 # ImageNet statistics: what every torchvision classification weight was trained with.
@@ -107,7 +107,8 @@ def build_model(arch: str, num_classes: int, weights: str = "none") -> nn.Module
     return model
 
 
-def eval_geometry(arch: str, weights: str, image_size: int | None = None, resize_size: int | None = None) -> tuple[int, int]:
+def eval_geometry(arch: str, weights: str, image_size: int | None = None,
+                  resize_size: int | None = None) -> tuple[int, int]:
     """(resize, crop) for evaluation: the weights' own preset (232/224 for ResNet50
     IMAGENET1K_V2) unless overridden; 256/224 without pretrained weights."""
     resize, crop = 256, 224

@@ -383,7 +383,8 @@ def drop_unreadable(found: dict[str, list[Path]], split: str, split_dir: Path,
     return kept
 
 
-def scan_dataset(dirs: dict[str, Path], max_bad_images: float = 0.0) -> tuple[list[str], dict[str, list[tuple[Path, int]]]]:
+def scan_dataset(dirs: dict[str, Path],
+                 max_bad_images: float = 0.0) -> tuple[list[str], dict[str, list[tuple[Path, int]]]]:
     """Class names (from train/) and (path, class index) samples per split; every image's
     header checked up front (drop_unreadable), so a corrupt test/ image stops the job before
     training, not after it."""
@@ -483,8 +484,8 @@ class ImageList(Dataset):
         try:
             return self.transform(path), target
         except Exception as err:  # its header passed the scan, its pixels do not decode
-            raise InputError(f"{path}: image cannot be decoded ({' '.join(f'{type(err).__name__}: {err}'.split())[:200]}); "
-                             f"replace or delete it") from None
+            why = " ".join(f"{type(err).__name__}: {err}".split())[:200]
+            raise InputError(f"{path}: image cannot be decoded ({why}); replace or delete it") from None
 
 
 def cpus_per_process() -> int:
@@ -795,8 +796,8 @@ def shrink_micro_batch(ctx: Context, micro: int, batch: int) -> None:
                          f"(--batch-size {batch} per process); with several processes set it explicitly, "
                          f"e.g. --micro-batch-size {max(1, micro // 2)}")
     if micro <= 1:
-        raise InputError(f"--image-size: CUDA out of memory with a micro-batch of 1 image; the model does not "
-                         f"fit this GPU: use a smaller --image-size or --arch, or a GPU with more memory")
+        raise InputError("--image-size: CUDA out of memory with a micro-batch of 1 image; the model does not "
+                         "fit this GPU: use a smaller --image-size or --arch, or a GPU with more memory")
     ctx.micro_batch = micro // 2
     log(f"CUDA out of memory at {micro} images per forward/backward: accumulating gradients over micro-batches "
         f"of {ctx.micro_batch} (the batch stays {batch}; pass --micro-batch-size {ctx.micro_batch} to start there)",

@@ -22,9 +22,10 @@ def debugger_rule(rule, plan) -> Rule:
         from pipeline.debugger_plan import Plan
         plan = Plan(train_interval=plan, eval_interval=plan, relu_interval=plan, relu_end_step=None, fixed=True)
     base = getattr(rule_configs, rule.name)()
-    collections = [CollectionConfig(c["CollectionName"],
-                                    plan.collection_parameters(c["CollectionName"], dict(c.get("CollectionParameters") or {})))
-                   for c in base.get("CollectionConfigurations", [])]
+    collections = [
+        CollectionConfig(c["CollectionName"],
+                         plan.collection_parameters(c["CollectionName"], dict(c.get("CollectionParameters") or {})))
+        for c in base.get("CollectionConfigurations", [])]
     return Rule.sagemaker(base, rule_parameters=dict(rule.parameters) or None, collections_to_save=collections or None)
 
 

@@ -129,7 +129,8 @@ def toy_definition(max_jobs: int = 2, parallel: int = 2, sleep: float = 0.0, cac
                     {"Image": "toy-inference:latest",
                      "ModelDataUrl": {"Get": "Steps.Train.ModelArtifacts.S3ModelArtifacts"}}]}}}],
             "ElseSteps": [{"Name": "Fail", "Type": "Fail", "Arguments": {"ErrorMessage": {"Std:Join": {
-                "On": " ", "Values": ["test accuracy", {"Get": "Steps.Train.FinalMetricDataList['test accuracy'].Value"},
+                "On": " ", "Values": ["test accuracy",
+                                      {"Get": "Steps.Train.FinalMetricDataList['test accuracy'].Value"},
                                       "is below", {"Get": "Parameters.AccuracyThreshold"}]}}}}]}},
     ]
     if cache:

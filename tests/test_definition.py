@@ -18,8 +18,9 @@ import yaml
 
 from pipeline.config import load_config, parse_config
 from pipeline.definition import TUNING_EXCLUDES, Build, build, build_definition, code_uri, source_tarball
+from pipeline.graph import draw_dag
+from pipeline.local.dag import Dag, all_steps
 from pipeline.params import check_overrides
-from pipeline.graph import all_steps, dag_edges, draw_dag
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = ROOT / "tests" / "golden" / "pipeline.definition.json"
@@ -244,7 +245,7 @@ def test_metrics_objective_and_regexes(definitions, configs, variant):
 
 
 def test_dag_shape_and_edges(definitions):
-    edges = set(dag_edges(definitions["real"]))
+    edges = set(Dag(definitions["real"]).edges)
     assert edges == {
         ("TuneHyperparameters", "TrainModel", "data"),
         ("TrainModel", "Model-CreateModel", "data"),
@@ -413,8 +414,8 @@ def test_two_processes_build_identical_bytes_offline(tmp_path):
                                              "AWS_REGION": "eu-west-1"})):
         out = tmp_path / seed
         out.mkdir()
-        cmd = [sys.executable, "-c", _NO_NETWORK, "--definition", str(out / "out.json"), "--graph", str(out / "dag.png"),
-               "--region", "us-east-1"]
+        cmd = [sys.executable, "-c", _NO_NETWORK, "--definition", str(out / "out.json"),
+               "--graph", str(out / "dag.png"), "--region", "us-east-1"]
         procs.append(subprocess.Popen(cmd, cwd=ROOT, env={**env, **extra, "PYTHONHASHSEED": seed},
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     for p in procs:

@@ -100,9 +100,9 @@ def test_same_answers(real, local, name, body, content_type, accept):
     assert got_real[:2] == got_local[:2] == (200, "application/json"), (got_real, got_local)
     real_answers, local_answers = _answers(got_real[2]), _answers(got_local[2])
     assert len(real_answers) == len(local_answers) >= 1
-    for r, l in zip(real_answers, local_answers):
-        assert torch.allclose(torch.tensor(r["probabilities"]), torch.tensor(l["probabilities"]), atol=1e-5)
-        assert [t["label"] for t in r["top"]] == [t["label"] for t in l["top"]]
+    for r, loc in zip(real_answers, local_answers):
+        assert torch.allclose(torch.tensor(r["probabilities"]), torch.tensor(loc["probabilities"]), atol=1e-5)
+        assert [t["label"] for t in r["top"]] == [t["label"] for t in loc["top"]]
 
 
 # Every refusal the local server makes that reaches the handlers (oversize bodies are the

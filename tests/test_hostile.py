@@ -220,6 +220,7 @@ def progressive_bomb(side: int = 256, repeats: int = 2000) -> bytes:
     bytes each, yet the decoder walks every coefficient block again for each (issue 13's
     200 KB file was ~48 s of CPU)."""
     import io
+
     from PIL import Image
     buf = io.BytesIO()
     Image.new("RGB", (side, side), (120, 80, 40)).save(buf, "JPEG", progressive=True, quality=90)
@@ -261,6 +262,7 @@ def test_a_progressive_jpeg_with_thousands_of_scans_is_refused_before_decoding(h
 
 def test_normal_progressive_and_baseline_photos_pass_the_decode_guards(handlers):
     import io
+
     from PIL import Image
     for progressive in (True, False):
         buf = io.BytesIO()
@@ -285,6 +287,7 @@ def test_decode_work_is_bounded_per_request(handlers, monkeypatch):
 @pytest.mark.parametrize("mode, side", [("RGB", 6300), ("I;16", 3000)])
 def test_a_small_png_declaring_megapixels_is_refused_by_decoded_bytes(handlers, mode, side):
     import io
+
     from PIL import Image
     buf = io.BytesIO()
     Image.new(mode, (side, side)).save(buf, "PNG")
@@ -295,7 +298,9 @@ def test_a_small_png_declaring_megapixels_is_refused_by_decoded_bytes(handlers, 
 
 def test_many_small_png_bombs_share_one_budget(handlers):
     import io
+
     from PIL import Image
+
     from tests._serve_helpers import b64_batch
     buf = io.BytesIO()
     Image.new("RGB", (3000, 3000)).save(buf, "PNG")   # 36 MB decoded: alone fine, three are not
@@ -342,6 +347,7 @@ def endpoint(tmp_path_factory):
 
 def test_four_decode_bombs_leave_the_endpoint_answering(endpoint):
     from concurrent.futures import ThreadPoolExecutor
+
     from tests._serve_helpers import image_bytes, ping, post
     bomb = progressive_bomb(side=512, repeats=3000)
     with ThreadPoolExecutor(5) as pool:
@@ -404,6 +410,7 @@ def test_decoded_images_held_by_the_server_are_bounded(endpoint):
     next one that would go over is answered 503 at once, and is served once memory is free."""
     import time
     from concurrent.futures import ThreadPoolExecutor
+
     from tests._serve_helpers import b64_batch, image_bytes, post
     holder = b64_batch(image_bytes("PNG", size=(23, 23)), image_bytes("PNG", size=(690, 690)))
     second = image_bytes("PNG", size=(500, 500))
@@ -472,7 +479,9 @@ def _endpoint_definition(model_uri: str) -> dict:
 def test_a_run_killed_during_the_endpoint_step_leaves_no_server_behind(tmp_path):
     import signal
     import time
+
     import psutil
+
     from pipeline.local.executor import execute
     from tests._serve_helpers import make_model_dir, make_tarball
     store = LocalStore(tmp_path / "store")
@@ -481,10 +490,14 @@ def test_a_run_killed_during_the_endpoint_step_leaves_no_server_behind(tmp_path)
     definition = tmp_path / "definition.json"
     definition.write_text(json.dumps(_endpoint_definition("s3://toy-bucket/model/model.tar.gz")))
     record = store.root / ".sagemaker" / "endpoints" / "hostile-endpoint.json"
-    script = ("import json, sys\nfrom pipeline.local.executor import execute\nfrom pipeline.local.store import LocalStore\n"
-              "execute(json.load(open(sys.argv[1])), store=LocalStore(sys.argv[2]), run_dir=sys.argv[3], report=False)\n")
+    script = ("import json, sys\n"
+              "from pipeline.local.executor import execute\n"
+              "from pipeline.local.store import LocalStore\n"
+              "execute(json.load(open(sys.argv[1])), store=LocalStore(sys.argv[2]), run_dir=sys.argv[3], "
+              "report=False)\n")
     run = subprocess.Popen([PY, "-c", script, str(definition), str(store.root), str(tmp_path / "run")], cwd=ROOT,
-                           env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                           env={**os.environ, "OMP_NUM_THREADS": "1"},
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     orphan = None
     try:
         deadline = time.monotonic() + 120
@@ -517,6 +530,7 @@ def test_a_run_killed_during_the_endpoint_step_leaves_no_server_behind(tmp_path)
 
 def _dataset(root: Path, classes: int, per_split: int = 1) -> Path:
     import io
+
     from PIL import Image
     buf = io.BytesIO()
     Image.new("RGB", (8, 8), (1, 2, 3)).save(buf, "JPEG")
@@ -653,8 +667,8 @@ ENTRY_POINTS = {
 
 @pytest.mark.parametrize("name", list(ENTRY_POINTS))
 def test_every_entry_point_answers_bad_input_with_one_line_and_exit_1(tmp_path, name):
-    import io
     import tarfile
+
     from tests._serve_helpers import make_model_dir, make_tarball
     argv, words = ENTRY_POINTS[name]
     (tmp_path / "bad.yaml").write_text("pipeline: {name: x}\nfoo: 1\n")
@@ -764,8 +778,10 @@ def test_memory_goes_back_after_a_burst_of_large_images(endpoint):
     import io
     import time
     from concurrent.futures import ThreadPoolExecutor
+
     import psutil
     from PIL import Image
+
     from tests._serve_helpers import post
     server = psutil.Process(endpoint.pid)
     before = server.memory_info().rss
@@ -791,7 +807,9 @@ def test_a_jpeg_of_a_million_empty_segments_is_refused_quickly(handlers):
 
 def test_a_json_batch_of_four_12_mp_photos_still_fits_the_pixel_budget(handlers):
     import io
+
     from PIL import Image
+
     from tests._serve_helpers import b64_batch
     buf = io.BytesIO()
     Image.new("RGB", (4000, 3000), (90, 60, 30)).save(buf, "JPEG")
@@ -805,8 +823,10 @@ def test_the_decode_guards_answer_4xx_through_the_inference_toolkit(tmp_path):
     serving container runs per request) turns them into the same 4xx, before any decoding."""
     import importlib
     import io
+
     from PIL import Image
     from sagemaker_inference import transformer as transformer_mod
+
     from tests._serve_helpers import make_model_dir
 
     class Context:

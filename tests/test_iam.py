@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.graph import all_steps
 from pipeline.images import debugger_rule_accounts, dlc_accounts
+from pipeline.local.dag import all_steps
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = ROOT / "infra" / "template.yaml"
@@ -107,9 +107,11 @@ class Resolver:
             if key == "Fn::GetAtt":
                 return self.atts[".".join(arg) if isinstance(arg, list) else arg]
             if key == "Fn::Sub":
-                text, extra = (arg, {}) if isinstance(arg, str) else (arg[0], {k: self.value(v) for k, v in arg[1].items()})
+                text, extra = ((arg, {}) if isinstance(arg, str)
+                               else (arg[0], {k: self.value(v) for k, v in arg[1].items()}))
                 return re.sub(r"\$\{([^}]+)\}", lambda m: str(extra.get(m.group(1)) or (
-                    self.atts[m.group(1)] if "." in m.group(1) and m.group(1) in self.atts else self.refs[m.group(1)])), text)
+                    self.atts[m.group(1)] if "." in m.group(1) and m.group(1) in self.atts
+                    else self.refs[m.group(1)])), text)
             if key == "Fn::FindInMap":
                 name, top, second = (self.value(a) for a in arg)
                 return self.t["Mappings"][name][top][second]
@@ -237,7 +239,8 @@ def needed(definition: dict, region: str) -> list[tuple[str, str, dict, str]]:
                if isinstance(s.get("Arguments", {}).get("OutputDataConfig", {}).get("S3OutputPath"), str)}
     out = []
     if definition.get("PipelineExperimentConfig"):
-        out += [(a, f"{arn}:{kind}/x", {}, f"PipelineExperimentConfig ({EXPERIMENTS})") for a, kind in EXPERIMENT_ACTIONS]
+        out += [(a, f"{arn}:{kind}/x", {}, f"PipelineExperimentConfig ({EXPERIMENTS})")
+                for a, kind in EXPERIMENT_ACTIONS]
     for step in all_steps(definition):
         kind, args, name = step["Type"], step.get("Arguments", {}), step["Name"]
         assert kind in STEP_ACTIONS, f"step {name}: type {kind} has no row in STEP_ACTIONS: add one (with its source)"
@@ -256,7 +259,8 @@ def needed(definition: dict, region: str) -> list[tuple[str, str, dict, str]]:
             if isinstance(job.get(key), str) or isinstance(args.get(key), str):
                 out.append(("iam:PassRole", role, {"iam:PassedToService": "sagemaker.amazonaws.com"}, f"{why}: {key}"))
         if args.get("DebugRuleConfigurations") or args.get("ProfilerRuleConfigurations"):
-            for a in ("sagemaker:CreateProcessingJob", "sagemaker:DescribeProcessingJob", "sagemaker:StopProcessingJob"):
+            for a in ("sagemaker:CreateProcessingJob", "sagemaker:DescribeProcessingJob",
+                      "sagemaker:StopProcessingJob"):
                 out.append((a, f"{arn}:processing-job/x", {}, f"{why}: rule evaluation jobs ({DEBUGGER_IMAGES})"))
         images = []
         _images(args, images)
@@ -264,7 +268,8 @@ def needed(definition: dict, region: str) -> list[tuple[str, str, dict, str]]:
             m = re.match(r"^(\d{12})\.dkr\.ecr\.([a-z0-9-]+)\.amazonaws\.com(?:\.cn)?/([^:@]+)", image)
             assert m, f"{why}: {image} is not an ECR image"
             for a in ECR_PULL:
-                out.append((a, f"arn:{part}:ecr:{m.group(2)}:{m.group(1)}:repository/{m.group(3)}", {}, f"{why}: {image}"))
+                out.append((a, f"arn:{part}:ecr:{m.group(2)}:{m.group(1)}:repository/{m.group(3)}", {},
+                            f"{why}: {image}"))
             out.append(("ecr:GetAuthorizationToken", "*", {}, f"{why}: {image}"))
         uris = []
         _s3_uris(args, params, uris, outputs=outputs)
@@ -272,7 +277,8 @@ def needed(definition: dict, region: str) -> list[tuple[str, str, dict, str]]:
         for key, uri in uris:
             bucket, _, prefix = uri[len("s3://"):].partition("/")
             is_file = re.search(r"\.[a-z]{2,4}(\.gz)?$", prefix) is not None      # sourcedir.tar.gz, model.tar.gz
-            obj = f"arn:{part}:s3:::{bucket}/{prefix}" if is_file else f"arn:{part}:s3:::{bucket}/{prefix.rstrip('/')}/x"
+            obj = (f"arn:{part}:s3:::{bucket}/{prefix}" if is_file
+                   else f"arn:{part}:s3:::{bucket}/{prefix.rstrip('/')}/x")
             out.append(("s3:GetObject", obj, {}, f"{why}: {key} {uri}"))
             out.append(("s3:ListBucket", f"arn:{part}:s3:::{bucket}", {}, f"{why}: {key} {uri}"))
             if key.endswith(WRITES):
@@ -344,7 +350,8 @@ def test_the_check_fails_when_the_policy_lacks_an_action(golden):
     # data outside the bucket: the role could not read it
     moved = copy.deepcopy(golden)
     next(p for p in moved["Parameters"] if p["Name"] == "DataUri")["DefaultValue"] = "s3://elsewhere/dogImages/"
-    assert any("s3:GetObject on arn:aws:s3:::elsewhere/dogImages/train/x" in g for g in missing(moved, execution_policy("us-east-1"), "us-east-1"))
+    gaps = missing(moved, execution_policy("us-east-1"), "us-east-1")
+    assert any("s3:GetObject on arn:aws:s3:::elsewhere/dogImages/train/x" in g for g in gaps)
     # an Experiments integration would need grants the role does not have
     with_experiments = {**golden, "PipelineExperimentConfig": {"ExperimentName": {"Get": "Execution.PipelineName"}}}
     assert any("sagemaker:CreateExperiment" in g for g in missing(with_experiments, execution_policy("us-east-1"),

@@ -9,11 +9,10 @@ import types
 import pytest
 import torch
 from PIL import Image
+from sagemaker_inference import transformer as transformer_mod
 
 from scripts import modeling
 from tests._serve_helpers import CLASSES, LABELS, ROOT, b64_batch, image_bytes, make_model_dir, png_header_only
-
-from sagemaker_inference import transformer as transformer_mod
 
 
 class _Request:

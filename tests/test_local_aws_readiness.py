@@ -109,7 +109,8 @@ def _deploy_definition(model_uri: str) -> dict:
             "ExecutionRoleArn": "arn:aws:iam::111111111111:role/x",
             "PrimaryContainer": {"Image": "toy-inference:latest", "ModelDataUrl": model_uri}}},
         {"Name": "Config", "Type": "EndpointConfig", "Arguments": {
-            "EndpointConfigName": {"Std:Join": {"On": "-", "Values": ["toy", {"Get": "Execution.PipelineExecutionId"}]}},
+            "EndpointConfigName": {"Std:Join": {"On": "-",
+                                                "Values": ["toy", {"Get": "Execution.PipelineExecutionId"}]}},
             "ProductionVariants": [{"ModelName": {"Get": "Steps.Model.ModelName"}, "VariantName": "AllTraffic",
                                     "InitialInstanceCount": 1, "InstanceType": "ml.m5.large"}]}},
         {"Name": "Deploy", "Type": "Endpoint", "Arguments": {

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import load_config
 import run_pipeline
 from pipeline import local_run
+from pipeline.config import load_config
 from pipeline.local.executor import DefinitionError, execute
 from pipeline.local.jobs import read_json
 from pipeline.local.store import REPO_ROOT, LocalStore

@@ -2,7 +2,8 @@
 import pytest
 
 from pipeline.local import expressions as ex
-from pipeline.local.executor import DefinitionError, dependencies, flatten_steps, parse_parameters, topological_order
+from pipeline.local.dag import Dag
+from pipeline.local.executor import DefinitionError, parse_parameters
 
 
 @pytest.fixture
@@ -82,14 +83,13 @@ def test_topological_order_follows_data_and_explicit_dependencies():
         {"Name": "A", "Type": "Training", "Arguments": {}, "DependsOn": ["E"]},
         {"Name": "E", "Type": "Training", "Arguments": {}},
     ]
-    flat = flatten_steps(steps)
-    order = topological_order(dependencies(flat))
+    order = Dag({"Steps": steps}).order
     assert order.index("E") < order.index("A") < order.index("B") < order.index("C") < order.index("D")
     steps[3]["DependsOn"] = ["C"]
     with pytest.raises(DefinitionError, match="dependency cycle"):
-        topological_order(dependencies(flatten_steps(steps)))
+        Dag({"Steps": steps})
     with pytest.raises(DefinitionError, match="unknown step"):
-        dependencies(flatten_steps([{"Name": "X", "Type": "Model", "Arguments": {"A": {"Get": "Steps.Nope.Y"}}}]))
+        Dag({"Steps": [{"Name": "X", "Type": "Model", "Arguments": {"A": {"Get": "Steps.Nope.Y"}}}]})
 
 
 def test_parameters_defaults_overrides_and_errors():

@@ -12,7 +12,8 @@ from tests._local_helpers import put_toy_code_and_data, toy_definition
 
 def test_ranges_become_distributions():
     d = distributions({
-        "ContinuousParameterRanges": [{"Name": "lr", "MinValue": "0.001", "MaxValue": "0.1", "ScalingType": "Logarithmic"},
+        "ContinuousParameterRanges": [{"Name": "lr", "MinValue": "0.001", "MaxValue": "0.1",
+                                       "ScalingType": "Logarithmic"},
                                       {"Name": "m", "MinValue": "0.9", "MaxValue": "0.999",
                                        "ScalingType": "ReverseLogarithmic"},
                                       {"Name": "wd", "MinValue": "0", "MaxValue": "0.1", "ScalingType": "Auto"}],

@@ -21,7 +21,8 @@ def test_only_given_overrides_come_back_from_the_check():
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["Approval=Rejected", "Needed=1"], "--param Approval='Rejected': not one of \\['Approved', 'PendingManualApproval'\\]"),
+    (["Approval=Rejected", "Needed=1"],
+     "--param Approval='Rejected': not one of \\['Approved', 'PendingManualApproval'\\]"),
     (["Debug=maybe", "Needed=1"], "--param Debug='maybe': expected Boolean"),
     ([], "parameter Needed has no DefaultValue: pass --param Needed=VALUE"),
     (["=1"], "expected NAME=VALUE"),

@@ -19,8 +19,18 @@ import torch
 
 from pipeline import invoke as invoke_mod
 from pipeline import serve as serve_mod
-from tests._serve_helpers import (LABELS, ROOT, b64_batch, free_port, image_bytes, make_model_dir, make_tarball,
-                                  ping, png_header_only, post)
+from tests._serve_helpers import (
+    LABELS,
+    ROOT,
+    b64_batch,
+    free_port,
+    image_bytes,
+    make_model_dir,
+    make_tarball,
+    ping,
+    png_header_only,
+    post,
+)
 
 ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
@@ -51,7 +61,8 @@ def predict_fn(data, model):
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    return make_model_dir(tmp_path_factory.mktemp("serve") / "model", extra_code={"testing_inference.py": TESTING_PROGRAM})
+    return make_model_dir(tmp_path_factory.mktemp("serve") / "model",
+                          extra_code={"testing_inference.py": TESTING_PROGRAM})
 
 
 @pytest.fixture(scope="module")
@@ -399,6 +410,7 @@ def stubbed_runtime(monkeypatch):
 
 def test_invoke_a_sagemaker_endpoint_by_name(moto_sagemaker, stubbed_runtime, endpoint, image_files, capsys):
     import io
+
     from botocore.response import StreamingBody
     name = _deploy_on_moto("dogbreed-endpoint")
     status, answer, _ = post(endpoint.url, IMAGES[0], "image/jpeg")  # what our handlers really answer

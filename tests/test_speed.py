@@ -22,7 +22,6 @@ from torchvision.transforms import functional as F
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 sys.path.insert(0, str(SCRIPTS))  # train_lib imports its siblings as top-level modules, as in the container
 import train_lib  # noqa: E402
-
 from pipeline.sample_data import generate_dataset  # noqa: E402
 from scripts.modeling import build_model  # noqa: E402
 

@@ -105,7 +105,7 @@ def test_packaged_inference_code_serves_the_trained_model(trained, dataset):
     model = inference.model_fn(trained["model_dir"])
     classes = sorted(p.name for p in (dataset / "test").iterdir())
     correct = total = 0
-    for index, name in enumerate(classes):
+    for name in classes:
         for image in sorted((dataset / "test" / name).iterdir()):
             body, content_type = inference.output_fn(
                 inference.predict_fn(inference.input_fn(image.read_bytes(), "image/jpeg"), model), "application/json")
@@ -285,7 +285,7 @@ def test_a_trial_without_test_channel_stops_early_and_reports_the_kept_weights(d
         pytest.approx(evaluation["valid_loss"], rel=1e-5)
     for name in ("evaluation.json", "history.json"):
         text = open(os.path.join(env["SM_OUTPUT_DATA_DIR"], name)).read()
-        json.loads(text, parse_constant=lambda c: pytest.fail(f"{name} holds {c}"))
+        json.loads(text, parse_constant=lambda c, name=name: pytest.fail(f"{name} holds {c}"))
 
 
 # ----------------------------------------------------------------------------- without smdebug, bad input

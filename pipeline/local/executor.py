@@ -4,7 +4,8 @@
 
 The pure interpreter: it reads the definition JSON and the object store, and imports nothing
 of the config, the steps or the SageMaker SDK (pipeline/local_run.py is the host side that
-prepares data and code, as pipeline/aws.py does for SageMaker). It interprets the same bytes AWS gets: Parameters (defaults + overrides), Get /
+prepares data and code, as pipeline/aws.py does for SageMaker). It interprets the same bytes AWS
+gets: Parameters (defaults + overrides), Get /
 Std:Join / Std:JsonGet, DependsOn and data dependencies in topological order,
 Condition steps with their If/Else branches, Fail steps, RetryPolicies and
 CacheConfig. Step runners: Training (jobs.py), Tuning (tuner.py), Debugger rules
@@ -29,11 +30,13 @@ import sys
 import tarfile
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from pipeline.errors import DefinitionError
 from pipeline.local import expressions as ex
+from pipeline.local.dag import Dag
 from pipeline.local.document import load_definition
 from pipeline.local.jobs import JobError, arn, bar, now_iso, read_json, run_training_job, write_json
 from pipeline.local.store import LocalStore
@@ -52,69 +55,6 @@ class StepFailed(Exception):
 
 # ---------------------------------------------------------------- definition
 
-def flatten_steps(steps: list[dict], parent: str | None = None, branch: str | None = None,
-                  out: dict | None = None) -> dict[str, dict]:
-    """Every step by name, branch steps included, each with its (condition, branch) if any."""
-    out = {} if out is None else out
-    for step in steps:
-        name = step.get("Name")
-        if not name or "Type" not in step:
-            raise DefinitionError(f"step {step!r:.120}: needs Name and Type")
-        if name in out:
-            raise DefinitionError(f"step name {name!r} appears twice")
-        out[name] = {"step": step, "condition": parent, "branch": branch}
-        if step["Type"] == "Condition":
-            args = step.get("Arguments", {})
-            flatten_steps(args.get("IfSteps", []), name, "If", out)
-            flatten_steps(args.get("ElseSteps", []), name, "Else", out)
-    return out
-
-
-def _step_of_ref(ref: str, names: list[str]) -> str | None:
-    best = [n for n in names if ref == n or ref.startswith(n + ".") or ref.startswith(n + "[")]
-    return max(best, key=len) if best else None
-
-
-def dependencies(flat: dict[str, dict]) -> dict[str, set[str]]:
-    names = list(flat)
-    deps: dict[str, set[str]] = {}
-    for name, info in flat.items():
-        step = info["step"]
-        body = {k: v for k, v in step.get("Arguments", {}).items() if k not in ("IfSteps", "ElseSteps")} \
-            if step["Type"] == "Condition" else step.get("Arguments", {})
-        d = set()
-        for ref in ex.references([body, step.get("PropertyFiles")]):
-            owner = _step_of_ref(ref, names)
-            if owner is None:
-                raise DefinitionError(f"step {name!r} refers to unknown step in Get 'Steps.{ref}'")
-            d.add(owner)
-        for dep in step.get("DependsOn", []) or []:
-            if dep not in flat:
-                raise DefinitionError(f"step {name!r}: DependsOn {dep!r} is not a step (have {names})")
-            d.add(dep)
-        if info["condition"]:
-            d.add(info["condition"])
-        d.discard(name)
-        deps[name] = d
-    return deps
-
-
-def topological_order(deps: dict[str, set[str]]) -> list[str]:
-    order, state = [], {}
-
-    def visit(n, path):
-        if state.get(n) == "done":
-            return
-        if state.get(n) == "visiting":
-            raise DefinitionError(f"dependency cycle: {' -> '.join(path + [n])}")
-        state[n] = "visiting"
-        for m in sorted(deps[n]):
-            visit(m, path + [n])
-        state[n] = "done"
-        order.append(n)
-    for n in deps:  # definition order among independent steps
-        visit(n, [])
-    return order
 
 
 def parse_parameters(definition: dict, overrides: list[str] | dict | None) -> dict[str, Any]:
@@ -142,9 +82,8 @@ class Execution:
         self.definition, self.store, self.run_dir = definition, store, Path(run_dir)
         self.progress, self.keep_endpoint, self.python = progress, keep_endpoint, python
         self.endpoint_runtime = endpoint_runtime  # "local" (pipeline/serve.py) or "sagemaker" (the real stack)
-        self.flat = flatten_steps(definition["Steps"])
-        self.deps = dependencies(self.flat)
-        self.order = topological_order(self.deps)
+        dag = Dag(definition)
+        self.flat, self.deps, self.order = dag.steps, dag.predecessors, dag.order
         self.definition_sha = hashlib.sha256(json.dumps(definition, sort_keys=True).encode()).hexdigest()
         self.registry = store.root / ".sagemaker"  # the control plane's records: models, endpoints, cache
         self.endpoints: list = []
@@ -183,7 +122,7 @@ class Execution:
                        "PipelineName": pipeline_name, "PipelineArn": self.record["PipelineArn"],
                        "StartDateTime": self.record["StartTime"], "CurrentDateTime": now_iso(),
                        "_property_file_owners": {pf["PropertyFileName"]: n for n, i in self.flat.items()
-                                                 for pf in i["step"].get("PropertyFiles", []) or []}},
+                                                 for pf in i.step.get("PropertyFiles", []) or []}},
             property_file_loader=self._property_file,
             s3_json_loader=lambda uri: ex.read_json_file(self.store.path(uri), uri))
         for name, rec in self.record["Steps"].items():
@@ -217,16 +156,16 @@ class Execution:
             info = self.flat[name]
             rec = self.record["Steps"].get(name)
             if rec and rec.get("StepStatus") == "Succeeded":
-                self.say(f"{name} ({info['step']['Type']}): Succeeded earlier, not redone")
+                self.say(f"{name} ({info.step['Type']}): Succeeded earlier, not redone")
                 continue
             if failed:
                 break  # AWS stops scheduling new steps once one fails
             if not self._branch_taken(name) or any(
                     self.record["Steps"].get(d, {}).get("StepStatus") == "NotExecuted" for d in self.deps[name]):
-                self.record["Steps"][name] = {"StepName": name, "StepType": info["step"]["Type"],
+                self.record["Steps"][name] = {"StepName": name, "StepType": info.step["Type"],
                                               "StepStatus": "NotExecuted"}
                 continue
-            status = self._run_step(name, info["step"])
+            status = self._run_step(name, info.step)
             if status == "Failed":
                 failed = name
             self.save()
@@ -241,11 +180,11 @@ class Execution:
 
     def _branch_taken(self, name: str) -> bool:
         info = self.flat[name]
-        if not info["condition"]:
+        if not info.condition:
             return True
-        cond = self.record["Steps"].get(info["condition"], {})
+        cond = self.record["Steps"].get(info.condition, {})
         outcome = cond.get("Properties", {}).get("Outcome")
-        return cond.get("StepStatus") == "Succeeded" and outcome == ("True" if info["branch"] == "If" else "False")
+        return cond.get("StepStatus") == "Succeeded" and outcome == ("True" if info.branch == "If" else "False")
 
     def _run_step(self, name: str, step: dict) -> str:
         kind = step["Type"]
@@ -331,7 +270,7 @@ class Execution:
         try:
             return ex.resolve(step.get("Arguments", {}), self.ctx)
         except ex.ExpressionError as e:
-            cond = self.record["Steps"].get(self.flat[name]["condition"] or "", {})
+            cond = self.record["Steps"].get(self.flat[name].condition or "", {})
             reason = cond.get("Properties", {}).get("LocalMissingMetric")
             if not (_missing_metric(e) and reason):
                 raise
@@ -367,7 +306,7 @@ class Execution:
     # -- property files (Std:JsonGet): read from the job's output.tar.gz, then model.tar.gz
     def _property_file(self, step_name: str, file_name: str) -> Any:
         info = self.flat.get(step_name)
-        decl = next((pf for pf in (info["step"].get("PropertyFiles") or []) if pf.get("PropertyFileName") == file_name),
+        decl = next((pf for pf in (info.step.get("PropertyFiles") or []) if pf.get("PropertyFileName") == file_name),
                     None) if info else None
         if decl is None:
             raise ex.ExpressionError(f"step {step_name!r} declares no property file {file_name!r}")
@@ -469,8 +408,9 @@ class Execution:
 
     def _tuning(self, name: str, args: dict) -> dict:
         sdir = self.step_dir(name)
-        job = read_json(sdir / "job_name.json") or \
-            f"{self.record['PipelineExecutionId'][:12]}-{re.sub(r'[^A-Za-z0-9-]', '-', name)[:12]}-{secrets.token_hex(2)}"
+        job = read_json(sdir / "job_name.json") or (
+            f"{self.record['PipelineExecutionId'][:12]}-{re.sub(r'[^A-Za-z0-9-]', '-', name)[:12]}-"
+            f"{secrets.token_hex(2)}")
         write_json(sdir / "job_name.json", job)
         describe = run_tuning_job(job, args, self.store, sdir, progress=self.say)
         write_json(sdir / "leaderboard.json", describe.get("TrainingJobSummaries", []))

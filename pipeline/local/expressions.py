@@ -13,11 +13,13 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from pipeline.errors import UserError
+from pipeline.local.dag import step_of_ref
 
 
 class ExpressionError(UserError, ValueError):
@@ -38,7 +40,10 @@ class Context:
 
 # ---------------------------------------------------------------- paths
 
-_TOKEN = re.compile(r"""\.?([A-Za-z_][A-Za-z0-9_:-]*)|\[\s*(-?\d+)\s*\]|\[\s*'((?:[^'\\]|\\.)*)'\s*\]|\[\s*"((?:[^"\\]|\\.)*)"\s*\]""")
+_TOKEN = re.compile(r"""\.?([A-Za-z_][A-Za-z0-9_:-]*)"""         # .Name
+                    r"""|\[\s*(-?\d+)\s*\]"""                    # [0]
+                    r"""|\[\s*'((?:[^'\\]|\\.)*)'\s*\]"""         # ['key']
+                    r"""|\[\s*"((?:[^"\\]|\\.)*)"\s*\]""")        # ["key"]
 
 
 def split_path(path: str) -> list[str | int]:
@@ -114,11 +119,9 @@ def get(ref: str, ctx: Context) -> Any:
         return ctx.execution[rest]
     if root == "Steps":
         # step names may contain '-' and '.', so match the longest known name
-        names = sorted((n for n in ctx.properties if rest == n or rest.startswith(n + ".") or rest.startswith(n + "[")),
-                       key=len, reverse=True)
-        if not names:
+        name = step_of_ref(rest, ctx.properties)
+        if name is None:
             raise ExpressionError(f"Get {ref!r}: step not run or unknown (have {sorted(ctx.properties)})")
-        name = names[0]
         path = rest[len(name):].lstrip(".")
         parts = split_path(path) if path else []
         if len(parts) == 2 and parts[0] == "PropertyFiles":
@@ -239,24 +242,6 @@ def evaluate_condition(cond: dict, ctx: Context) -> bool:
     if kind == "Or":
         return any(evaluate_condition(c, ctx) for c in cond["Conditions"])
     raise ExpressionError(f"unknown condition Type {kind!r}; known: {CONDITION_TYPES}")
-
-
-def references(value: Any) -> set[str]:
-    """Names of the steps a value refers to through Get/JsonGet (data dependencies)."""
-    found: set[str] = set()
-
-    def visit(v):
-        if isinstance(v, list):
-            for x in v:
-                visit(x)
-        elif isinstance(v, dict):
-            for k, x in v.items():
-                if k == "Get" and isinstance(x, str) and x.startswith("Steps."):
-                    found.add(x[len("Steps."):])
-                else:
-                    visit(x)
-    visit(value)
-    return found
 
 
 def read_json_file(path: Path, what: str) -> Any:

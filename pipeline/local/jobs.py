@@ -27,8 +27,9 @@ import sys
 import tarfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import psutil
 
@@ -277,7 +278,8 @@ def run_training_job(
         # CheckpointConfig: what an earlier attempt synced to S3 comes back into the sandbox
         shutil.copytree(store.path(checkpoint_uri), ckpt_dir, dirs_exist_ok=True)
     created = now_iso()
-    hps_raw = {k: (v if isinstance(v, str) else json.dumps(v)) for k, v in (request.get("HyperParameters") or {}).items()}
+    hps_raw = {k: (v if isinstance(v, str) else json.dumps(v))
+               for k, v in (request.get("HyperParameters") or {}).items()}
     hps = {k: unquote(v) for k, v in hps_raw.items()}
     # sagemaker_* and the tuner's _tuning_objective_metric are the platform's, not the script's
     framework = {k: v for k, v in hps.items() if k.startswith("sagemaker_") or k == TUNING_METRIC}

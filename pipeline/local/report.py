@@ -158,7 +158,7 @@ def write_report(run_dir: str | Path, record: dict, definition: dict, store=None
             if framework and framework.is_dir():
                 lines += [f"Framework profiler files: `{framework}`", ""]
 
-    for name, rec in steps.items():
+    for rec in steps.values():
         props = rec.get("Properties") or {}
         if rec.get("StepType") == "Endpoint" and props.get("LocalUrl"):
             lines += ["## Endpoint", "", f"`{props['EndpointName']}` was InService at {props['LocalUrl']} "

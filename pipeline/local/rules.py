@@ -33,7 +33,11 @@ with warnings.catch_warnings():  # smdebug's generated protobuf code trips proto
     warnings.simplefilter("ignore", DeprecationWarning)
     from smdebug.core.modes import ModeKeys
     from smdebug.exceptions import (
-        RuleEvaluationConditionMet, StepUnavailable, TensorUnavailable, TensorUnavailableForStep)
+        RuleEvaluationConditionMet,
+        StepUnavailable,
+        TensorUnavailable,
+        TensorUnavailableForStep,
+    )
     from smdebug.rules.rule import Rule
     from smdebug.trials import create_trial
 
@@ -295,7 +299,8 @@ class PoorWeightInitialization(_Base):
         gradients = self._values(self._collection("gradients"), step)
         if gradients:
             self.seen["gradients"] += 1
-            spread = {name: float(np.percentile(v, 95) - np.percentile(v, 5)) for name, v in gradients.items() if v.size}
+            spread = {name: float(np.percentile(v, 95) - np.percentile(v, 5))
+                      for name, v in gradients.items() if v.size}
             narrowest = min(spread, key=spread.get)
             if spread[narrowest] < self.distribution_range:
                 return self._issue(step, f"{narrowest}: 5th-95th percentile range {spread[narrowest]:.3g} "

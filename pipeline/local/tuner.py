@@ -20,9 +20,10 @@ import math
 import re
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import optuna
 
@@ -258,8 +259,9 @@ def run_tuning_job(
             done.sort(key=lambda t: t["index"])
             write_json(record_path, done)
         shown_value = "n/a" if value is None else f"{value:.4g}"
+        reason = "  " + describe["FailureReason"][:160] if describe.get("FailureReason") else ""
         progress(f"  trial {index}/{max_jobs} {job} {status}: {metric}={shown_value} "
-                 f"({time.monotonic() - t0:.0f}s){'  ' + describe['FailureReason'][:160] if describe.get('FailureReason') else ''}")
+                 f"({time.monotonic() - t0:.0f}s){reason}")
 
     todo = [i for i in range(1, max_jobs + 1) if i not in {t["index"] for t in done}]
     with ThreadPoolExecutor(max_workers=max_parallel) as pool:

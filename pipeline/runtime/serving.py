@@ -86,7 +86,8 @@ def java_missing() -> str | None:
     """None when a Java runtime is on PATH; else what to install."""
     if shutil.which("java"):
         return None
-    return "java is not on PATH: TorchServe needs a Java 17 runtime (Debian/Ubuntu: apt-get install openjdk-17-jre-headless)"
+    return ("java is not on PATH: TorchServe needs a Java 17 runtime "
+            "(Debian/Ubuntu: apt-get install openjdk-17-jre-headless)")
 
 
 class Endpoint:
@@ -141,7 +142,7 @@ class Endpoint:
         errors = re.findall(r"MODEL_LOG - ([\w.]*(?:Error|Exception)\b.*)", text)
         return errors[-1] if errors else "the worker died while loading the model"
 
-    def wait_ready(self, timeout: float = 180.0, load_attempts: int = 3) -> "Endpoint":
+    def wait_ready(self, timeout: float = 180.0, load_attempts: int = 3) -> Endpoint:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
