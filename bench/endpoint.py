@@ -62,6 +62,7 @@ import model_dir  # noqa: E402  scripts/model_dir.py: the model dir as training 
 import modeling  # noqa: E402
 import train_lib  # noqa: E402
 from pipeline import serve  # noqa: E402
+from pipeline.files import atomic_write  # noqa: E402
 from pipeline.runtime import serving  # noqa: E402
 from pipeline.sample_data import DOG_CLASS_DIRS  # noqa: E402
 from steps.model import serving_env  # noqa: E402
@@ -362,11 +363,8 @@ def versions() -> dict:
 
 
 def write(result: dict, out: Path, markdown: str) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(out)
-    out.with_suffix(".md").write_text(markdown)
+    atomic_write(out, json.dumps(result, indent=2) + "\n")
+    atomic_write(out.with_suffix(".md"), markdown)
     print(markdown)
     print(f"wrote {out} and {out.with_suffix('.md').name}")
 

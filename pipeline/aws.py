@@ -23,6 +23,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from botocore.parsers import ResponseParserError
 
 from pipeline.config import PIPELINE_TAG
+from pipeline.formats import ROLE_ARN
 from pipeline.local.store import split_s3_uri
 from pipeline.params import ParameterError, check_overrides, split_overrides
 
@@ -33,7 +34,6 @@ EXECUTION_ARN_TAG = "sagemaker:pipeline-execution-arn"
 TERMINAL = ("Succeeded", "Failed", "Stopped")
 INLINE_DEFINITION_LIMIT = 100_000  # bytes: CreatePipeline's PipelineDefinition maximum; larger goes via S3
 DISPLAY_NAME_RE = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,81}$")
-ROLE_ARN_RE = re.compile(r"^arn:aws[a-z-]*:iam::(\d{12}):role/(?:[\w+=,.@/-]+/)?([\w+=,.@-]{1,64})$")
 
 
 class AwsSetupError(RuntimeError):
@@ -91,7 +91,7 @@ def check_role(session: boto3.Session, role_arn: str | None, out: TextIO = sys.s
     if not role_arn:
         raise AwsSetupError("no SageMaker execution role: set aws.role in the config, pass --role, "
                             "or set SAGEMAKER_ROLE_ARN (the infra/ stack outputs it)")
-    m = ROLE_ARN_RE.match(role_arn)
+    m = ROLE_ARN.match(role_arn)
     if not m:
         raise AwsSetupError(f"role {role_arn!r} is not an IAM role ARN (arn:aws:iam::<12-digit account>:role/<name>)")
     try:

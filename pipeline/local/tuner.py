@@ -27,6 +27,7 @@ from typing import Any, Callable
 import optuna
 
 from pipeline.local.jobs import TUNING_METRIC, JobError, arn, bar, now_iso, read_json, run_training_job, write_json
+from scripts import metrics
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -192,7 +193,6 @@ def run_tuning_job(
         shown = " ".join(f"{k}={json.loads(v) if v.startswith(chr(34)) else v}" for k, v in tuned.items())
         progress(f"  trial {index}/{max_jobs} {job} started: {shown}")
         intermediate: list[float] = []
-        epoch_re = re.compile(r"^epoch (\d+)/(\d+)")
 
         def on_line(line: str) -> None:
             m = defs[metric].search(line)
@@ -205,11 +205,10 @@ def run_tuning_job(
                     intermediate.append(value)
                     with lock:
                         trial.report(value, len(intermediate))
-            e = epoch_re.match(line)
-            if e:
-                done, total = int(e.group(1)), int(e.group(2))
-                progress(f"    trial {index}/{max_jobs} epoch {done}/{total} {bar(done, total)} "
-                         f"{line[e.end():].strip()[:90]}")
+            epoch = metrics.epoch_progress(line)
+            if epoch:
+                done, total, rest = epoch
+                progress(f"    trial {index}/{max_jobs} epoch {done}/{total} {bar(done, total)} {rest.strip()[:90]}")
 
         def should_stop() -> bool:
             if abort.is_set():
