@@ -19,7 +19,8 @@ def test_the_model_dir_is_what_the_endpoint_loads(tmp_path):
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     assert files == ["code/inference.py", "code/modeling.py", "code/requirements.txt", "evaluation.json",
                      "model.json", "model.pth"]
-    assert (out / "code" / "requirements.txt").read_text() == (ROOT / "scripts" / model_dir.INFERENCE_REQUIREMENTS).read_text()
+    shipped = ROOT / "scripts" / model_dir.INFERENCE_REQUIREMENTS
+    assert (out / "code" / "requirements.txt").read_text() == shipped.read_text()
     assert json.loads((out / "evaluation.json").read_text()) == {"test_accuracy": None}  # strict JSON, no NaN
     loaded, read = modeling.load_model(out)
     assert read["labels"] == ["Affenpinscher", "Afghan hound", "Airedale terrier"]
@@ -30,8 +31,8 @@ def test_the_model_dir_is_what_the_endpoint_loads(tmp_path):
 
 def test_requirements_can_be_given_and_evaluation_left_out(tmp_path):
     net = modeling.build_model("mobilenet_v3_small", 2, weights="none")
-    out = model_dir.write_model_dir(tmp_path, net.state_dict(), model_dir.model_meta("mobilenet_v3_small", ["a", "b"], 32, 40),
-                                    requirements="onnxruntime\n")
+    meta = model_dir.model_meta("mobilenet_v3_small", ["a", "b"], 32, 40)
+    out = model_dir.write_model_dir(tmp_path, net.state_dict(), meta, requirements="onnxruntime\n")
     assert (out / "code" / "requirements.txt").read_text() == "onnxruntime\n"
     assert not (out / "evaluation.json").exists()
     assert not list(out.rglob("*.tmp"))

@@ -323,8 +323,9 @@ class Trials:
             self.done.sort(key=lambda t: t["index"])
             write_json(self.record_path, self.done)
         shown_value = "n/a" if value is None else f"{value:.4g}"
+        failure = f"  {describe['FailureReason'][:160]}" if describe.get("FailureReason") else ""
         progress(f"  trial {index}/{max_jobs} {job} {status}: {search.metric}={shown_value} "
-                 f"({time.monotonic() - t0:.0f}s){'  ' + describe['FailureReason'][:160] if describe.get('FailureReason') else ''}")
+                 f"({time.monotonic() - t0:.0f}s){failure}")
 
 
 def describe_tuning_job(name: str, request: dict, trials: list[dict], metric: str, direction: str,
