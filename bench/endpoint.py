@@ -32,7 +32,6 @@ import json
 import os
 import platform
 import re
-import shutil
 import statistics
 import sys
 import tarfile
@@ -59,9 +58,11 @@ sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(ROOT))
 
 import export  # noqa: E402  scripts/export.py, as train_model.py runs it
+import model_dir  # noqa: E402  scripts/model_dir.py: the model dir as training writes it
 import modeling  # noqa: E402
 import train_lib  # noqa: E402
 from pipeline import serve  # noqa: E402
+from pipeline.files import atomic_write  # noqa: E402
 from pipeline.runtime import serving  # noqa: E402
 from pipeline.sample_data import DOG_CLASS_DIRS  # noqa: E402
 from steps.model import serving_env  # noqa: E402
@@ -104,20 +105,12 @@ def jpeg(image: Image.Image, quality: int = 90) -> bytes:
 
 
 def make_model_dir(path: Path, arch: str, image_size: int, requirements: str) -> Path:
-    """model.pth + model.json + code/ as train_lib.write_model_dir lays them out."""
+    """A model dir of random weights, written by scripts/model_dir.py as training writes it."""
     resize, crop = modeling.eval_geometry(arch, "imagenet", image_size=image_size)
     torch.manual_seed(0)
     model = modeling.build_model(arch, len(DOG_CLASS_DIRS), weights="none")
-    (path / "code").mkdir(parents=True)
-    torch.save(model.state_dict(), path / modeling.MODEL_WEIGHTS_FILE)
-    modeling.write_model_meta(path, {"arch": arch, "classes": DOG_CLASS_DIRS,
-                                     "labels": [modeling.breed_label(c) for c in DOG_CLASS_DIRS],
-                                     "image_size": crop, "resize_size": resize,
-                                     "mean": list(modeling.IMAGENET_MEAN), "std": list(modeling.IMAGENET_STD)})
-    for name in train_lib.CODE_FILES:
-        shutil.copyfile(ROOT / "scripts" / name, path / "code" / name)
-    (path / "code" / "requirements.txt").write_text(requirements)
-    return path
+    return model_dir.write_model_dir(path, model.state_dict(), model_dir.model_meta(arch, DOG_CLASS_DIRS, crop, resize),
+                                     requirements=requirements)
 
 
 def make_tarball(model_dir: Path, dest: Path) -> Path:
@@ -132,7 +125,7 @@ def build_archives(tmp: Path, arch: str, image_size: int, photos: list[Path]) ->
     deployed: the same weights + model.onnx exported and validated by scripts/export.py."""
     today = make_model_dir(tmp / "today", arch, image_size, "# no packages: torch from the image\n")
     deployed = make_model_dir(tmp / "deployed", arch, image_size,
-                              (ROOT / "scripts" / train_lib.INFERENCE_REQUIREMENTS).read_text())
+                              (ROOT / "scripts" / model_dir.INFERENCE_REQUIREMENTS).read_text())
     entry = export.export_model_dir(deployed, photos, train_lib.load_image)
     print(f"export: {entry['bytes'] / 1e6:.0f} MB, validated on {entry['validated']['images']} photos, "
           f"max probability difference {entry['validated']['max_prob_diff']:.1e}", flush=True)
@@ -371,11 +364,8 @@ def versions() -> dict:
 
 
 def write(result: dict, out: Path, markdown: str) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(out)
-    out.with_suffix(".md").write_text(markdown)
+    atomic_write(out, json.dumps(result, indent=2) + "\n")
+    atomic_write(out.with_suffix(".md"), markdown)
     print(markdown)
     print(f"wrote {out} and {out.with_suffix('.md').name}")
 

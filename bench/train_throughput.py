@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))  # train_lib imports its siblings (modeling, metrics) as top-level modules
 
-from pipeline.files import atomic_dir  # noqa: E402
+from pipeline.files import atomic_dir, atomic_write  # noqa: E402
 from pipeline.sample_data import DOG_BREEDS, DOG_CLASS_DIRS  # noqa: E402
 from scripts.modeling import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 
@@ -424,13 +424,6 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -506,8 +499,8 @@ def main(argv=None) -> int:
                          **gpu_reference(result["machine"]["gpu"])}
     out = Path(args.out)
     stem = "train" + ("_gpu" if device.type == "cuda" else "") + ("_frozen" if args.freeze_backbone else "")
-    write_atomic(out / f"{stem}.json", json.dumps(result, indent=2) + "\n")
-    write_atomic(out / f"{stem}.md", markdown(result))
+    atomic_write(out / f"{stem}.json", json.dumps(result, indent=2) + "\n")
+    atomic_write(out / f"{stem}.md", markdown(result))
     print(markdown(result))
     print(f"wrote {out / (stem + '.json')}")
     return 0

@@ -19,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pipeline.errors import UserError
+from pipeline.formats import ISO_DURATION, ROLE_ARN
 from pipeline.s3uri import s3_key_problem
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -259,11 +260,9 @@ class Config(_Strict):
 
 _PIPELINE_NAME = re.compile(r"^[A-Za-z0-9](-*[A-Za-z0-9]){0,255}$")
 _ENTITY_NAME = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")
-_ROLE_ARN = re.compile(r"^arn:aws[a-z\-]*:iam::\d{12}:role/?[a-zA-Z_0-9+=,.@\-_/]+$")
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
 _REGION = re.compile(r"^[a-z]{2}(-gov|-iso[a-z]?)?-[a-z]+-\d$")
 _INSTANCE = re.compile(r"^ml\.[a-z0-9]+\.[a-z0-9]+$")
-_DURATION = re.compile(r"^P(?=\d|T\d)(\d+Y)?(\d+M)?(\d+W)?(\d+D)?(T(?=\d)(\d+H)?(\d+M)?(\d+S)?)?$")
 # Flags both training scripts accept besides the tuned ones (scripts/hpo.py, scripts/train_model.py).
 TUNABLE = ("lr", "batch-size", "test-batch-size", "epochs")
 # What each of them may be, tuned or static: (integer?, smallest, largest). A learning rate of
@@ -343,7 +342,7 @@ def _check(cfg: Config) -> None:
         _fail(src, "pipeline.name", f"letters, digits and single hyphens, 1-256 chars; got {cfg.pipeline.name!r}")
     if not _REGION.match(cfg.aws.region):
         _fail(src, "aws.region", f"an AWS region like 'us-east-1'; got {cfg.aws.region!r}")
-    if not _ROLE_ARN.match(cfg.aws.role):
+    if not ROLE_ARN.match(cfg.aws.role):
         _fail(src, "aws.role", f"an IAM role ARN like 'arn:aws:iam::123456789012:role/Name' "
                                f"(or set SAGEMAKER_ROLE_ARN / --role); got {cfg.aws.role!r}")
     if not _BUCKET.match(cfg.aws.bucket):
@@ -432,7 +431,7 @@ def _check(cfg: Config) -> None:
         # The endpoint config is named <endpoint>-<execution id (12 chars)>.
         _fail(src, "endpoint.name",
               f"at most 50 chars (its configs append an execution id); got {len(cfg.endpoint.name)}")
-    if not _DURATION.match(cfg.cache.expire_after):
+    if not ISO_DURATION.match(cfg.cache.expire_after):
         _fail(src, "cache.expire_after", f"an ISO 8601 duration like 'P30D' or 'PT12H'; got {cfg.cache.expire_after!r}")
     if not cfg.registry.content_types or not cfg.registry.response_types:
         _fail(src, "registry.content_types", "non-empty content_types and response_types")

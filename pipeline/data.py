@@ -14,17 +14,16 @@ import json
 import os
 import re
 import shutil
-import stat
 import sys
 import threading
 import time
 import urllib.error
 import urllib.request
 import zipfile
-import zlib
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import TextIO
 
+from pipeline import archives
 from pipeline.errors import UserError
 from pipeline.files import atomic_dir, atomic_write
 from pipeline.s3uri import split_s3_uri
@@ -174,27 +173,6 @@ def _finish(url: str, part: Path, dest: Path, record_path: Path, total: int, sha
 
 # ---------------------------------------------------------------- safe extraction
 
-def _check_member(info: zipfile.ZipInfo, zip_path: Path) -> None:
-    name = info.filename
-    parts = PurePosixPath(name).parts
-    if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name) or "\\" in name:
-        raise DataError(f"{zip_path}: refusing member {name!r}: absolute or Windows-style path")
-    if ".." in parts:
-        raise DataError(f"{zip_path}: refusing member {name!r}: '..' would write outside the target folder")
-    if info.flag_bits & 0x1:
-        raise DataError(f"{zip_path}: refusing member {name!r}: it is encrypted; use an unencrypted zip")
-    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA):
-        raise DataError(f"{zip_path}: refusing member {name!r}: compression method {info.compress_type} is not "
-                        f"supported; use stored or deflated members")
-    if any(len(part.encode()) > 255 for part in parts) or len(name.encode()) > 1024:
-        raise DataError(f"{zip_path}: refusing member {name[:60]!r}...: a name over 255 bytes per folder "
-                        f"(1024 in all) cannot be written here")
-    kind = stat.S_IFMT(info.external_attr >> 16)
-    if kind not in (0, stat.S_IFREG, stat.S_IFDIR):
-        what = "symbolic link" if kind == stat.S_IFLNK else "special file"
-        raise DataError(f"{zip_path}: refusing member {name!r}: a {what}; only regular files and folders are allowed")
-
-
 def safe_extract(zip_path: Path, dest: Path, out: TextIO = sys.stdout) -> Path:
     """Extract into `dest` (replaced whole), after checking every member; nothing is written if one is bad."""
     zip_path, dest = Path(zip_path), Path(dest)
@@ -203,19 +181,7 @@ def safe_extract(zip_path: Path, dest: Path, out: TextIO = sys.stdout) -> Path:
     except zipfile.BadZipFile as e:
         raise DataError(f"{zip_path} is not a valid zip file ({e}); delete it and run again") from None
     with zf:
-        members = zf.infolist()
-        files, folders = set(), set()
-        for info in members:
-            _check_member(info, zip_path)
-            path = PurePosixPath(info.filename)
-            if not info.is_dir() and str(path) in files:
-                raise DataError(f"{zip_path}: member {info.filename!r} appears twice; a dataset zip holds each "
-                                f"file once")
-            (folders if info.is_dir() else files).add(str(path))
-            folders.update(str(p) for p in path.parents)
-        clash = sorted(files & folders)
-        if clash:
-            raise DataError(f"{zip_path}: {clash[0]!r} is both a file and a folder in the zip; rebuild the zip")
+        members = archives.check_zip(zf, zip_path, error=DataError)
         need = sum(i.file_size for i in members)
         dest.parent.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(dest.parent).free
@@ -224,23 +190,7 @@ def safe_extract(zip_path: Path, dest: Path, out: TextIO = sys.stdout) -> Path:
                             f"{dest.parent} has {free / 1e9:.1f} GB free")
         with atomic_dir(dest) as tmp:
             bar = _Progress(f"extracting {zip_path.name}", len(members), unit="files", scale=1, out=out)
-            for info in members:
-                target = (tmp / info.filename).resolve()
-                if not target.is_relative_to(tmp.resolve()):  # belt and braces over _check_member
-                    raise DataError(f"{zip_path}: member {info.filename!r} escapes the target folder")
-                if info.is_dir():
-                    target.mkdir(parents=True, exist_ok=True)
-                else:
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    try:
-                        with zf.open(info) as src, open(target, "wb") as dst:
-                            shutil.copyfileobj(src, dst, CHUNK)
-                    except (zipfile.BadZipFile, zlib.error, EOFError, RuntimeError, NotImplementedError,
-                            OSError) as e:  # bad CRC, corrupt deflate stream, truncated, encrypted, ...
-                        raise DataError(f"{zip_path}: member {info.filename!r} cannot be extracted "
-                                        f"({type(e).__name__}: {' '.join(str(e).split())}); the zip is corrupt: "
-                                        f"delete it and download or build it again") from None
-                bar.update(1)
+            archives.extract_zip_members(zf, members, tmp, zip_path, error=DataError, on_member=lambda: bar.update(1))
             bar.close()
     return dest
 

@@ -1,7 +1,7 @@
 """Atomic file writes for the host side: a reader sees the old file or the new one,
 never half of one, and an interrupted write leaves no stray temporary behind.
 
-(scripts/ has its own: container code imports nothing of the host.)
+The host's one atomic writer (scripts/artifacts.py is the container's: scripts/ imports nothing of the host).
 """
 from __future__ import annotations
 

@@ -8,7 +8,6 @@ Used by the AWS runner (pipeline/aws.py) and by `--prepare-data` (pipeline/data.
 from __future__ import annotations
 
 import json
-import re
 import sys
 import urllib.parse
 from typing import TextIO
@@ -19,9 +18,8 @@ from botocore.exceptions import BotoCoreError, ClientError
 from botocore.parsers import ResponseParserError
 
 from pipeline.errors import SetupError
+from pipeline.formats import ROLE_ARN
 from pipeline.s3uri import split_s3_uri
-
-ROLE_ARN_RE = re.compile(r"^arn:aws[a-z-]*:iam::(\d{12}):role/(?:[\w+=,.@/-]+/)?([\w+=,.@-]{1,64})$")
 
 
 class AwsSetupError(SetupError, RuntimeError):
@@ -79,7 +77,7 @@ def check_role(session: boto3.Session, role_arn: str | None, out: TextIO = sys.s
     if not role_arn:
         raise AwsSetupError("no SageMaker execution role: set aws.role in the config, pass --role, "
                             "or set SAGEMAKER_ROLE_ARN (the infra/ stack outputs it)")
-    m = ROLE_ARN_RE.match(role_arn)
+    m = ROLE_ARN.match(role_arn)
     if not m:
         raise AwsSetupError(f"role {role_arn!r} is not an IAM role ARN (arn:aws:iam::<12-digit account>:role/<name>)")
     try:

@@ -41,9 +41,11 @@ import urllib.error
 import urllib.request
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
+from pipeline.archives import extract_tar
 from pipeline.errors import UserError
+from pipeline.files import atomic_write
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PORT = 8080
@@ -65,28 +67,6 @@ class ServeError(UserError, ValueError):
 
 # ---------------------------------------------------------------- model archive
 
-def extract_model(archive: str | os.PathLike, dest: str | os.PathLike) -> Path:
-    """Unpack model.tar.gz into dest, refusing members that would land outside it."""
-    dest = Path(dest).resolve()
-    with tarfile.open(archive, "r:*") as tar:
-        for member in tar.getmembers():
-            path = PurePosixPath(member.name)
-            where = f"{archive}: member {member.name!r}"
-            if path.is_absolute() or member.name.startswith(("/", "\\")):
-                raise ValueError(f"{where} has an absolute path: a model archive holds relative paths only")
-            if ".." in path.parts:
-                raise ValueError(f"{where} contains '..': a model archive must not write outside its dir")
-            if member.issym() or member.islnk():
-                target = PurePosixPath(member.linkname)
-                resolved = (dest / path.parent / target) if member.issym() else (dest / target)
-                if target.is_absolute() or not os.path.normpath(resolved).startswith(str(dest) + os.sep):
-                    raise ValueError(f"{where} links to {member.linkname!r}, outside the model dir")
-            elif not (member.isfile() or member.isdir()):
-                raise ValueError(f"{where} is a device or fifo: a model archive holds files and dirs only")
-        tar.extractall(dest, filter="data")  # the stdlib's own guard as a second line
-    return dest
-
-
 def resolve_model(model: str | os.PathLike, workdir: str | os.PathLike) -> Path:
     """A model dir as it is, or a model.tar.gz extracted under workdir."""
     path = Path(model)
@@ -96,10 +76,10 @@ def resolve_model(model: str | os.PathLike, workdir: str | os.PathLike) -> Path:
         raise ServeError(f"MODEL {str(model)!r}: no such file or folder; give a model.tar.gz or a model dir")
     try:
         if path.is_file() and tarfile.is_tarfile(path):
-            return extract_model(path, Path(workdir) / "model")
+            return extract_tar(path, Path(workdir) / "model")
     except ServeError:
         raise
-    except ValueError as err:  # extract_model's refusals
+    except ValueError as err:  # extract_tar's refusals
         raise ServeError(str(err)) from None
     except (tarfile.TarError, EOFError, OSError, zlib.error) as err:  # truncated or corrupt gzip/tar
         raise ServeError(f"MODEL {str(model)!r}: the archive is truncated or corrupt ({type(err).__name__}: "
@@ -541,9 +521,7 @@ def serve(model: str | os.PathLike, host: str = "127.0.0.1", port: int | None = 
                  max_batch_delay_ms, timeout_s, torch.get_num_threads(), max_queued_mb, idle_timeout_s,
                  header_timeout_s)
         if url_file:
-            tmp = Path(url_file + ".tmp")
-            tmp.write_text(url)
-            tmp.replace(url_file)
+            atomic_write(url_file, url)
         server.run(sockets=[sock])
         log.info("stopped")
         if failed:  # the traceback is in the log; the reason ends it as README's one error line

@@ -65,6 +65,23 @@ def _metric_definitions() -> list[dict[str, str]]:
 # In the exact shape of SageMaker's AlgorithmSpecification.MetricDefinitions.
 METRIC_DEFINITIONS: list[dict[str, str]] = _metric_definitions()
 
+# Progress for the runners' bars: the epoch line's counter and the rest of the line.
+EPOCH_PROGRESS = re.compile(r"^epoch (\d+)/(\d+)\s*(.*)")
+# A summary line at the start of a log line: its name.
+SUMMARY_LINE = re.compile(r"^(" + "|".join(re.escape(name) for name in SUMMARY_FIELDS) + r"): ")
+
+
+def epoch_progress(line: str) -> tuple[int, int, str] | None:
+    """`epoch 3/8 train_loss=...` -> (3, 8, "train_loss=..."), else None."""
+    m = EPOCH_PROGRESS.match(line)
+    return (int(m.group(1)), int(m.group(2)), m.group(3)) if m else None
+
+
+def summary_name(line: str) -> str | None:
+    """`test accuracy: 0.81` -> "test accuracy", else None."""
+    m = SUMMARY_LINE.match(line)
+    return m.group(1) if m else None
+
 
 def parse_metrics(log: str, definitions: list[dict[str, str]] | None = None) -> dict[str, list[float]]:
     """Every value each definition's regex finds in `log`, line by line, in order.

@@ -2,7 +2,8 @@
 
 Runs inside SageMaker's PyTorch training containers (torch 2.6+) and anywhere
 else: every path has a CLI flag, with SageMaker's environment as the default.
-Sections: arguments, data, model and optimiser, loop, checkpoints, outputs, main.
+Sections: arguments, model and optimiser, loop, main. The data pipeline lives in
+data_pipeline.py, checkpoints and outputs in artifacts.py, the model dir in model_dir.py.
 Imports nothing of the host (pipeline/, steps/): this folder ships on its own.
 """
 from __future__ import annotations
@@ -14,47 +15,59 @@ import math
 import os
 import random
 import re
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from PIL import Image, ImageFile
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
-from torchvision import transforms
+from torch.utils.data import DataLoader
 
+import artifacts
 import metrics
 import modeling
+from artifacts import (
+    CHECKPOINT_FILE,
+    DEFAULT_CHECKPOINT_DIR,
+    atomic_save,
+    atomic_write_text,
+    cpu_state,
+    load_checkpoint,
+    to_json,
+    write_failure,
+)
 
-SCRIPTS_DIR = Path(__file__).resolve().parent
-SPLITS = ("train", "valid", "test")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-CHECKPOINT_FILE = "checkpoint.pt"
-# SageMaker syncs /opt/ml/checkpoints with checkpoint_s3_uri; outside a container, ./checkpoints
-DEFAULT_CHECKPOINT_DIR = "/opt/ml/checkpoints" if Path("/opt/ml").is_dir() else "checkpoints"
-# Files that make the model dir a deployable model.tar.gz (SAGEMAKER_PROGRAM=inference.py).
-CODE_FILES = ("inference.py", "modeling.py")
-INFERENCE_REQUIREMENTS = "requirements-inference.txt"
-
-
-class InputError(ValueError):
-    """Bad input from the user (flag, channel, data): printed without a traceback."""
-
-
-class TrainingDiverged(InputError):
-    """The loss became non-finite: the run is refused (exit 1) and writes no model."""
-
-
-def log(message: str, rank: int = 0) -> None:
-    if rank == 0:
-        print(message, flush=True)
-
+# The entry points, bench/ and tests/ also reach the data pipeline and the artifacts through
+# this module (train_lib.load_image, ...), as before they had modules of their own.
+from data_pipeline import (  # noqa: E402,F401
+    SPLITS,
+    EvalCrop,
+    FeatureLoader,
+    ImageList,
+    TrainCrop,
+    build_loaders,
+    cache_features,
+    cpus_per_process,
+    data_dirs,
+    decode_crop,
+    default_num_workers,
+    eval_dataset,
+    extract_features,
+    head_module,
+    load_image,
+    make_loader,
+    resolve_num_workers,
+    scan_dataset,
+    scan_split,
+    set_cpu_threads,
+    train_dataset,
+)
+from ddp import Dist, all_reduce_sum, global_rank, log, setup_distributed
+from model_dir import CODE_FILES, INFERENCE_REQUIREMENTS, model_meta, write_model_dir  # noqa: E402,F401
+from train_errors import InputError, TrainingDiverged, one_line
 
 # ----------------------------------------------------------------------------- arguments
 
@@ -195,7 +208,7 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None,
     args, unknown = parser.parse_known_args(argv)
     names = [u.split("=", 1)[0] for u in unknown if u.startswith("--")]
     ours = [n for n in names if not n.startswith("--sagemaker_")]
-    if names and _rank() == 0:
+    if names and global_rank() == 0:
         print(f"ignoring arguments this script does not use: {' '.join(names)}", flush=True)
         if ours:
             print(f"warning: {' '.join(ours)} not a known flag (typo?); see --help", file=sys.stderr, flush=True)
@@ -246,322 +259,6 @@ def check_hyperparameters(args: argparse.Namespace) -> None:
     for name, ok, valid in HYPERPARAMETER_RANGES:
         if hasattr(args, name) and not ok(getattr(args, name)):
             raise InputError(f"--{name.replace('_', '-')}: {getattr(args, name)!r} is out of range; valid: {valid}")
-
-
-# ----------------------------------------------------------------------------- distributed
-
-@dataclass
-class Dist:
-    rank: int = 0
-    local_rank: int = 0
-    world: int = 1
-
-    @property
-    def enabled(self) -> bool:
-        return self.world > 1
-
-
-def _rank() -> int:
-    return int(os.environ.get("RANK", 0))
-
-
-def setup_distributed() -> tuple[Dist, torch.device]:
-    """torchrun / SageMaker torch_distributed set WORLD_SIZE, RANK, LOCAL_RANK."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Dist(rank=_rank(), local_rank=local_rank, world=world), device
-
-
-def all_reduce_sum(tensor: torch.Tensor, d: Dist) -> torch.Tensor:
-    if d.enabled:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor
-
-
-# ----------------------------------------------------------------------------- data
-
-def _split_dir(root: Path, split: str) -> Path | None:
-    """root/split, or root/<one folder>/split (a zip extracted with its top folder)."""
-    if (root / split).is_dir():
-        return root / split
-    nested = sorted(root.glob(f"*/{split}"))
-    return nested[0] if len(nested) == 1 and nested[0].is_dir() else None
-
-
-def data_dirs(args: argparse.Namespace, require_test: bool = True) -> dict[str, Path]:
-    """Where each split lives: its own channel, else inside --data-dir / SM_CHANNEL_TRAINING.
-
-    require_test=False (tuning trials): no test split given is fine; the pipeline keeps
-    the test channel from the tuner so the search never sees it."""
-    dirs = {}
-    for split in SPLITS:
-        optional = split == "test" and not require_test
-        explicit = getattr(args, split)
-        env = f"SM_CHANNEL_{split.upper()}"
-        if explicit:
-            path = Path(explicit)
-            if not path.is_dir():
-                raise InputError(f"--{split} {path}: no such directory (channel {split!r}, env {env})")
-            # a channel holding the whole dataset is accepted too
-            path = _split_dir(path, split) or path
-        elif args.data_dir:
-            root = Path(args.data_dir)
-            if not root.is_dir():
-                raise InputError(f"--data-dir {root}: no such directory (channel 'training', env SM_CHANNEL_TRAINING)")
-            path = _split_dir(root, split)
-            if path is None and optional:
-                continue
-            if path is None:
-                raise InputError(f"--data-dir {root}: has no {split}/ folder; expected train/ valid/ test/ "
-                                 f"with one folder per class")
-        elif optional:
-            continue
-        else:
-            raise InputError(f"--{split}: no data given; pass --{split} DIR or --data-dir DIR, "
-                             f"or set {env} (or SM_CHANNEL_TRAINING holding train/ valid/ test/)")
-        dirs[split] = path
-    return dirs
-
-
-def scan_split(split_dir: Path, split: str) -> dict[str, list[Path]]:
-    """{class folder: image files}, classes sorted (dogImages numbering keeps index order)."""
-    classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not classes:
-        raise InputError(f"--{split} {split_dir}: no class folders; expected one folder per class "
-                         f"(e.g. 001.Affenpinscher/*.jpg)")
-    found = {}
-    for name in classes:
-        files = sorted(f for f in (split_dir / name).iterdir()
-                       if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
-        if not files:
-            raise InputError(f"--{split} {split_dir / name}: class folder has no images "
-                             f"({', '.join(IMAGE_EXTENSIONS)})")
-        found[name] = files
-    return found
-
-
-def image_problem(path: Path) -> str | None:
-    """Why an image file cannot be used, read from its header (no pixel decode), or None.
-    Catches empty, garbage, non-image and header-truncated files, decode bombs, and PNGs with
-    bad chunk checksums (verify); a JPEG cut short in its body still loads (open_image)."""
-    try:
-        with open_image(path) as img:
-            img.verify()
-        return None
-    except Exception as err:  # UnidentifiedImageError, OSError, SyntaxError, DecompressionBombError ...
-        return " ".join(f"{type(err).__name__}: {err}".split())[:200]
-
-
-def drop_unreadable(found: dict[str, list[Path]], split: str, split_dir: Path,
-                    max_fraction: float) -> dict[str, list[Path]]:
-    """The split without the images image_problem refuses, before any training: skipped with a
-    warning naming them while they are at most max_fraction of the split, else InputError."""
-    total = sum(len(files) for files in found.values())
-    bad = {path: why for files in found.values() for path in files if (why := image_problem(path))}
-    if not bad:
-        return found
-    named = "; ".join(f"{path.relative_to(split_dir)} ({why})" for path, why in list(bad.items())[:5])
-    more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
-    if len(bad) > max_fraction * total:
-        raise InputError(f"--{split} {split_dir}: {len(bad)} of {total} images cannot be read: {named}{more}; "
-                         f"valid: at most {max_fraction:g} of a split (--max-bad-images) is skipped; "
-                         f"replace or delete them")
-    if _rank() == 0:
-        print(f"warning: --{split} {split_dir}: skipping {len(bad)} of {total} images that cannot be read: "
-              f"{named}{more}", file=sys.stderr, flush=True)
-    kept = {name: [f for f in files if f not in bad] for name, files in found.items()}
-    empty = [name for name, files in kept.items() if not files]
-    if empty:
-        raise InputError(f"--{split} {split_dir / empty[0]}: no readable images left in this class folder")
-    return kept
-
-
-def scan_dataset(dirs: dict[str, Path],
-                 max_bad_images: float = 0.0) -> tuple[list[str], dict[str, list[tuple[Path, int]]]]:
-    """Class names (from train/) and (path, class index) samples per split; every image's
-    header checked up front (drop_unreadable), so a corrupt test/ image stops the job before
-    training, not after it."""
-    scans = {split: drop_unreadable(scan_split(path, split), split, path, max_bad_images)
-             for split, path in dirs.items()}
-    classes = list(scans["train"])
-    if len(classes) < 2:
-        raise InputError(f"--train {dirs['train']}: needs at least 2 class folders, found {classes}")
-    index = {name: i for i, name in enumerate(classes)}
-    samples = {}
-    for split, found in scans.items():
-        unknown = sorted(set(found) - set(index))
-        if unknown:
-            raise InputError(f"--{split} {dirs[split]}: class folders not in train/: {unknown[:5]}")
-        samples[split] = [(path, index[name]) for name, files in found.items() for path in files]
-    return classes, samples
-
-
-def open_image(path: Path) -> Image.Image:
-    """Open a training image, tolerating truncated JPEGs (dogImages holds one:
-    train/098.Leonberger/Leonberger_06571.jpg). PIL's switch is process-wide, so it is
-    set here, where training data is read (also in spawned loader workers), and not at
-    import: a process that imports this module to serve must keep refusing truncated uploads."""
-    ImageFile.LOAD_TRUNCATED_IMAGES = True
-    return Image.open(path)
-
-
-def load_image(path: Path, min_size: int | None = None) -> Image.Image:
-    """RGB image; a JPEG is decoded at a reduced scale (DCT scaling, much faster)
-    when both sides stay >= min_size, so the resize that follows loses nothing."""
-    with open_image(path) as img:
-        return modeling.reduced_decode(img, min_size).convert("RGB")
-
-
-def decode_crop(img: Image.Image, box: tuple[int, int, int, int], size: int) -> Image.Image:
-    """The region box = (top, left, height, width) of a just-opened (not yet decoded) image,
-    resized to size x size.
-
-    A JPEG is decoded at the smallest DCT scale (1/2, 1/4, 1/8) at which the region still
-    spans >= size pixels both ways: the resize after it only ever shrinks, so the result
-    matches a full decode + crop + resize, for a fraction of the work on large photos.
-    """
-    width, height = img.size
-    top, left, h, w = box
-    scale = 1.0
-    drafted = img.draft("RGB", (math.ceil(width * size / w), math.ceil(height * size / h)))
-    if drafted:  # JPEG: (mode, box of the whole image in decoded pixels)
-        scale = drafted[1][2] / width
-    rgb = img.convert("RGB")
-    return rgb.resize((size, size), Image.BILINEAR,
-                      box=(left * scale, top * scale, (left + w) * scale, (top + h) * scale))
-
-
-def to_uint8_hwc(img: Image.Image) -> torch.Tensor:
-    return torch.from_numpy(np.array(img, dtype=np.uint8))
-
-
-class TrainCrop:
-    """RandomResizedCrop + horizontal flip, read from the file: torchvision's own crop sampler
-    runs on the header's size, then only what the crop needs is decoded (decode_crop).
-    Returns uint8 HWC; Context.to_device normalises whole batches on the device."""
-
-    def __init__(self, size: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip: float = 0.5):
-        self.size, self.scale, self.ratio, self.flip = size, scale, ratio, flip
-
-    def __call__(self, path: Path) -> torch.Tensor:
-        with open_image(path) as img:
-            box = transforms.RandomResizedCrop.get_params(img, list(self.scale), list(self.ratio))
-            out = decode_crop(img, box, self.size)
-        if torch.rand(1).item() < self.flip:
-            out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return to_uint8_hwc(out)
-
-
-class EvalCrop:
-    """Resize (shorter side) + CenterCrop of load_image's reduced decode; uint8 HWC."""
-
-    def __init__(self, resize: int, crop: int):
-        self.resize = resize
-        self.pil = modeling.eval_pixels(resize, crop)
-
-    def __call__(self, path: Path) -> torch.Tensor:
-        return to_uint8_hwc(self.pil(load_image(path, self.resize)))
-
-
-class ImageList(Dataset):
-    """(path, class) samples -> (transform(path), class)."""
-
-    def __init__(self, samples: list[tuple[Path, int]], transform):
-        self.samples, self.transform = samples, transform
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, i: int):
-        path, target = self.samples[i]
-        try:
-            return self.transform(path), target
-        except Exception as err:  # its header passed the scan, its pixels do not decode
-            why = " ".join(f"{type(err).__name__}: {err}".split())[:200]
-            raise InputError(f"{path}: image cannot be decoded ({why}); replace or delete it") from None
-
-
-def cpus_per_process() -> int:
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cpus = os.cpu_count() or 1
-    return max(1, cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
-
-
-def default_num_workers(device_type: str = "cuda") -> int:
-    cpus = cpus_per_process()
-    if device_type == "cpu":
-        # the step is the CPU's main work: a worker decodes ~300 images/s (crop-aware
-        # draft), so one per four cores keeps up and leaves the rest to the step
-        return max(1, cpus // 4)
-    # GPU: every core but the main process's decodes; 16 keeps memory in check on big hosts
-    return max(0, min(16, cpus - 1))
-
-
-def set_cpu_threads(args: argparse.Namespace, device: torch.device, workers: int) -> None:
-    """CPU training: give the step the cores the loader workers do not use. Oversubscribed
-    OpenMP threads spin-wait on each other: a 2-core host ran the step 10x slower with
-    2 threads and a busy worker than with 1. An explicit OMP_NUM_THREADS is respected."""
-    if device.type != "cpu":
-        return
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    elif "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, cpus_per_process() - workers))
-
-
-def make_loader(dataset: Dataset, batch_size: int, num_workers: int, device: torch.device,
-                d: Dist, train: bool, seed: int = 0, persistent: bool = True, prefetch_factor: int = 2) -> DataLoader:
-    """Training: a DistributedSampler (also for one process: same shuffling code,
-    epoch-seeded order). Evaluation: each rank a disjoint shard, summed after."""
-    if train:
-        sampler = DistributedSampler(dataset, num_replicas=d.world, rank=d.rank, shuffle=True, seed=seed)
-        per_rank = len(sampler)
-        loader_kw = dict(sampler=sampler, drop_last=per_rank > batch_size)  # BN dislikes a batch of 1
-    else:
-        dataset = Subset(dataset, range(d.rank, len(dataset), d.world))
-        loader_kw = dict(shuffle=False)
-    if num_workers > 0:
-        loader_kw.update(persistent_workers=persistent, prefetch_factor=prefetch_factor)
-    return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
-                      pin_memory=device.type == "cuda", **loader_kw)
-
-
-def resolve_num_workers(args: argparse.Namespace, device: torch.device) -> int:
-    if args.num_workers is not None:
-        return args.num_workers
-    return default_num_workers(device.type)
-
-
-def train_dataset(samples: list[tuple[Path, int]], crop: int, resize: int, args: argparse.Namespace) -> Dataset:
-    return ImageList(samples, TrainCrop(crop))
-
-
-def eval_dataset(samples: list[tuple[Path, int]], crop: int, resize: int) -> Dataset:
-    return ImageList(samples, EvalCrop(resize, crop))
-
-
-def build_loaders(samples, crop: int, resize: int, args, device, d: Dist) -> dict[str, DataLoader]:
-    workers = resolve_num_workers(args, device)
-    set_cpu_threads(args, device, workers)
-    kw = dict(num_workers=workers, device=device, d=d, prefetch_factor=args.prefetch_factor)
-    loaders = {
-        "train": make_loader(train_dataset(samples["train"], crop, resize, args), args.batch_size, train=True,
-                             seed=args.seed, **kw),
-        "valid": make_loader(eval_dataset(samples["valid"], crop, resize), args.test_batch_size, train=False, **kw),
-    }
-    if "test" in samples:  # read once, at the end: no persistent workers
-        loaders["test"] = make_loader(eval_dataset(samples["test"], crop, resize), args.test_batch_size,
-                                      train=False, **{**kw, "persistent": False})
-    return loaders
 
 
 # ----------------------------------------------------------------------------- model, optimiser
@@ -852,81 +549,6 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module,
             "images_per_s": seen / max(seconds, 1e-9), "data_wait_s": data_wait}
 
 
-def head_module(model: nn.Module) -> nn.Linear:
-    """The classifier's last Linear layer (modeling.replace_head's)."""
-    weight = modeling.head_parameters(model)[0]
-    return next(m for m in model.modules() if isinstance(m, nn.Linear) and m.weight is weight)
-
-
-@torch.no_grad()
-def extract_features(model: nn.Module, loader, ctx: Context) -> tuple[torch.Tensor, torch.Tensor]:
-    """The head's inputs (and targets) for a whole split, on the device. In eval mode, with
-    the backbone frozen, they do not change between head-only epochs: compute them once."""
-    captured, targets = [], []
-    hook = head_module(model).register_forward_hook(lambda mod, inputs, out: captured.append(inputs[0].float()))
-    try:
-        for images, target in loader:
-            images, target = ctx.to_device(images, target)
-            with ctx.autocast():
-                model(images)
-            targets.append(target)
-    finally:
-        hook.remove()
-    return torch.cat(captured), torch.cat(targets)
-
-
-class EpochSampler:
-    """set_epoch() like DistributedSampler's, for a FeatureLoader."""
-
-    def __init__(self, seed: int):
-        self.seed, self.epoch = seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-
-class FeatureLoader:
-    """Batches of cached (features, targets): what the head sees in place of a DataLoader,
-    with the same batch count, so the learning-rate schedule is unchanged."""
-
-    def __init__(self, features: torch.Tensor, targets: torch.Tensor, batch_size: int, shuffle: bool, seed: int = 0):
-        self.features, self.targets, self.batch_size, self.shuffle = features, targets, batch_size, shuffle
-        self.drop_last = shuffle and len(targets) > batch_size  # as make_loader's training loader
-        self.sampler = EpochSampler(seed)
-
-    def __len__(self) -> int:
-        n = len(self.targets)
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
-
-    def __iter__(self):
-        order = torch.arange(len(self.targets))
-        if self.shuffle:
-            order = torch.randperm(len(self.targets),
-                                   generator=torch.Generator().manual_seed(self.sampler.seed + self.sampler.epoch))
-        order = order.to(self.features.device)
-        for i in range(len(self)):
-            index = order[i * self.batch_size:(i + 1) * self.batch_size]
-            yield self.features[index], self.targets[index]
-
-
-def cache_features(model: nn.Module, samples, crop: int, resize: int, args, ctx: Context,
-                   valid_loader: DataLoader, d: Dist) -> dict[str, FeatureLoader]:
-    """--cache-features: one pass over train (eval transform: no augmentation) and valid."""
-    start = time.perf_counter()
-    was_training = model.training
-    model.eval()
-    train_images = make_loader(eval_dataset(samples["train"], crop, resize), args.test_batch_size,
-                               resolve_num_workers(args, ctx.device), ctx.device, d, train=False, persistent=False,
-                               prefetch_factor=args.prefetch_factor)
-    train = extract_features(model, train_images, ctx)
-    valid = extract_features(model, valid_loader, ctx)
-    model.train(was_training)
-    log(f"cached backbone features: train {tuple(train[0].shape)}, valid {tuple(valid[0].shape)} "
-        f"in {time.perf_counter() - start:.1f}s", d.rank)
-    return {"train": FeatureLoader(*train, args.batch_size, shuffle=True, seed=args.seed),
-            "valid": FeatureLoader(*valid, args.test_batch_size, shuffle=False)}
-
-
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, criterion: nn.Module, num_classes: int,
              ctx: Context) -> dict:
@@ -960,159 +582,6 @@ def evaluate(model: nn.Module, loader: DataLoader, criterion: nn.Module, num_cla
             "per_class": [c / t if t else None for c, t in zip(correct, total)]}
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
-def atomic_save(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def to_json(obj) -> str:
-    """Strict JSON: a diverged run's NaN/inf become null (json.dumps would write NaN)."""
-    def clean(x):
-        if isinstance(x, float) and not math.isfinite(x):
-            return None
-        if isinstance(x, dict):
-            return {k: clean(v) for k, v in x.items()}
-        if isinstance(x, (list, tuple)):
-            return [clean(v) for v in x]
-        return x
-    return json.dumps(clean(obj), indent=2, allow_nan=False)
-
-
-def cpu_state(model: nn.Module) -> dict:
-    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
-
-
-def rng_state(device: torch.device) -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state: dict, device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "scaler", "rng", "epoch", "best_loss", "best_epoch",
-                   "bad_epochs", "stopped", "history", "best_state")
-
-
-def load_checkpoint(path: Path, identity: dict, device: torch.device, move_aside: bool = True) -> dict | None:
-    """The checkpoint of an interrupted run of this same job, or None.
-
-    One of another job (arch, classes, image size) is refused. An unreadable one (empty or
-    truncated by a kill mid-upload, not a checkpoint) is moved aside to <name>.corrupt, with
-    a warning, and the job starts from epoch 1: a spot restart goes on rather than failing on
-    a file that can never load. move_aside: this process renames it (one per host)."""
-    if not path.is_file():
-        return None
-    size = path.stat().st_size
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-        if not isinstance(ckpt, dict):
-            raise ValueError(f"holds a {type(ckpt).__name__}, not a checkpoint dict")
-    except Exception as err:  # EOFError (empty), RuntimeError (bad zip), UnpicklingError ...
-        reason = f"{type(err).__name__}: {err}" if str(err).strip() else \
-            f"{type(err).__name__}: an empty or truncated file ({size} bytes)"
-        return _unreadable_checkpoint(path, reason, move_aside)
-    theirs = ckpt.get("identity", {})
-    diff = {k: (theirs.get(k), v) for k, v in identity.items() if theirs.get(k) != v}
-    if diff:
-        raise InputError(f"--checkpoint-dir {path.parent}: {path.name} belongs to another job "
-                         f"(differs in {sorted(diff)}); give this job its own checkpoint dir or delete it")
-    missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
-    if missing:
-        return _unreadable_checkpoint(path, f"incomplete, no {missing}", move_aside)
-    return ckpt
-
-
-def _unreadable_checkpoint(path: Path, reason: str, move_aside: bool) -> None:
-    aside = path.with_name(path.name + ".corrupt")
-    if not move_aside:  # the process that moves it says so, once per host
-        return None
-    with contextlib.suppress(FileNotFoundError):
-        os.replace(path, aside)
-    reason = " ".join(reason.split())[:300] or "unreadable"
-    print(f"warning: --checkpoint-dir {path.parent}: {path.name} cannot be loaded ({reason}); moved to "
-          f"{aside.name}, starting from epoch 1", file=sys.stderr, flush=True)
-    return None
-
-
-# ----------------------------------------------------------------------------- outputs
-
-def write_model_dir(model_dir: Path, state: dict, meta: dict, evaluation: dict) -> None:
-    """model.pth + model.json + evaluation.json + code/: a deployable model.tar.gz."""
-    model_dir.mkdir(parents=True, exist_ok=True)
-    atomic_save(state, model_dir / modeling.MODEL_WEIGHTS_FILE)
-    modeling.write_model_meta(model_dir, meta)
-    atomic_write_text(model_dir / "evaluation.json", to_json(evaluation))
-    code = model_dir / "code"
-    code.mkdir(exist_ok=True)
-    for name in CODE_FILES:
-        if (SCRIPTS_DIR / name).is_file():
-            shutil.copyfile(SCRIPTS_DIR / name, code / name)
-        else:
-            print(f"warning: {SCRIPTS_DIR / name} not found; model dir has no code/{name}", file=sys.stderr)
-    requirements = SCRIPTS_DIR / INFERENCE_REQUIREMENTS
-    if requirements.is_file():
-        shutil.copyfile(requirements, code / "requirements.txt")
-
-
-def plot_history(history: list[dict], path: Path, best_epoch: int | None) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("warning: matplotlib not installed; no loss curve", file=sys.stderr)
-        return
-    epochs = [h["epoch"] for h in history]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(epochs, [h["train_loss"] for h in history], "o-", label="train (label-smoothed)")
-    ax.plot(epochs, [h["valid_loss"] for h in history], "o-", label="validation")
-    if best_epoch:
-        ax.axvline(best_epoch, color="grey", linestyle=":", label=f"kept: epoch {best_epoch}")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("cross-entropy")
-    ax.legend()
-    fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
-def one_line(err: InputError) -> str:
-    """The message of an InputError, on one line. One raised in a DataLoader worker arrives
-    re-raised with the worker's traceback in its text: keep only the original message."""
-    text = str(err).strip()
-    if "\nOriginal Traceback" in text:
-        text = re.sub(r"^[\w.]*(InputError|TrainingDiverged): ", "", text.splitlines()[-1])
-    return " ".join(text.split())
-
-
-def write_failure(message: str) -> None:
-    """SageMaker shows /opt/ml/output/failure as the job's FailureReason."""
-    out = os.environ.get("SM_OUTPUT_DIR")
-    if out and Path(out).is_dir():
-        with contextlib.suppress(OSError):
-            (Path(out) / "failure").write_text(message[:1000])
-
-
 # ----------------------------------------------------------------------------- main
 
 def run(args: argparse.Namespace, callbacks: list[Callbacks] = (), require_test: bool = True) -> dict:
@@ -1132,74 +601,30 @@ def run(args: argparse.Namespace, callbacks: list[Callbacks] = (), require_test:
 def _run(args, callbacks, d: Dist, device: torch.device, require_test: bool) -> dict:
     random.seed(args.seed)
     torch.manual_seed(args.seed)
-    scan_start = time.perf_counter()
-    classes, samples = scan_dataset(data_dirs(args, require_test), args.max_bad_images)
+    classes, samples = scan_data(args, require_test, d, device)
     weights = resolve_weights_path(args.weights, args)
-    log(f"data: {len(classes)} classes, " + ", ".join(f"{s}={len(v)}" for s, v in samples.items())
-        + f" (headers checked in {time.perf_counter() - scan_start:.1f}s); device={device} world={d.world}", d.rank)
-
-    # local rank 0 first, so one process per host downloads pretrained weights into its cache
-    if d.enabled and d.local_rank != 0:
-        dist.barrier()
-    model = build_model(args.arch, len(classes), weights)
-    if d.enabled and d.local_rank == 0:
-        dist.barrier()
+    model = build_model_once_per_host(args.arch, len(classes), weights, d)
     resize, crop = modeling.eval_geometry(args.arch, weights, args.image_size, args.resize_size)
     ctx = make_context(args, device, d, callbacks)
     model = model.to(device, memory_format=torch.channels_last if ctx.channels_last else torch.contiguous_format)
-
     loaders = build_loaders(samples, crop, resize, args, device, d)
-    steps_per_epoch = len(loaders["train"])
-    if args.max_steps_per_epoch:
-        steps_per_epoch = min(steps_per_epoch, args.max_steps_per_epoch)
-    criterion = SmoothedCrossEntropyLoss(label_smoothing=args.label_smoothing)
-    optimizer = make_optimizer(model, args.lr, args.weight_decay, args.momentum)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(
-        step, steps_per_epoch, args.epochs, args.freeze_epochs, args.lr_warmup_epochs, args.min_lr_ratio))
-    scaler = torch.amp.GradScaler("cuda", enabled=ctx.dtype == torch.float16)
+    opt = make_optimisation(model, args, len(loaders["train"]), ctx)
     for cb in callbacks:
-        cb.on_model(model, criterion)
-
+        cb.on_model(model, opt.criterion)
     identity = {"arch": args.arch, "classes": classes, "image_size": crop}
     ckpt_path = Path(args.checkpoint_dir) / CHECKPOINT_FILE
-    state = {"epoch": 0, "best_loss": math.inf, "best_epoch": None, "bad_epochs": 0, "stopped": False,
-             "history": [], "best_state": None}
-    ckpt = load_checkpoint(ckpt_path, identity, device, move_aside=d.local_rank == 0)
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        if ckpt["scaler"]:  # empty when saved without fp16
-            scaler.load_state_dict(ckpt["scaler"])
-        set_rng_state(ckpt["rng"], device)
-        state.update({k: ckpt[k] for k in state})
-        log(f"resuming from {ckpt_path} after epoch {state['epoch']} "
-            f"(best validation loss {state['best_loss']:.4g} at epoch {state['best_epoch']})", d.rank)
-    if d.enabled:  # every rank must resume from the same epoch, or DDP would hang
-        epochs_seen = torch.tensor([state["epoch"]], device=device)
-        dist.broadcast(epochs_seen, src=0)
-        if int(epochs_seen) != state["epoch"]:
-            raise RuntimeError(f"rank {d.rank} found checkpoint epoch {state['epoch']}, rank 0 {int(epochs_seen)}: "
-                               f"all ranks need the same --checkpoint-dir content")
+    state = resume(ckpt_path, identity, model, opt, device, d)
 
-    phase = None
-    wrapped = model
+    phase, wrapped = None, model
     features = None  # {"train", "valid"}: FeatureLoaders for the head-only epochs (--cache-features)
     if args.cache_features and d.enabled:
         log("--cache-features: not with several processes; head-only epochs run the full model", d.rank)
     for epoch in range(state["epoch"] + 1, args.epochs + 1):
         if state["stopped"]:
             break
-        epoch_phase = "head" if epoch <= args.freeze_epochs else "full"
-        if epoch_phase != phase:
-            phase = epoch_phase
-            set_trainable(model, head_only=phase == "head")
-            # DDP tracks the parameters that require grad when wrapped: re-wrap on (un)freezing
-            wrapped = model
-            if d.enabled:
-                wrapped = nn.parallel.DistributedDataParallel(
-                    model, device_ids=[device.index] if device.type == "cuda" else None)
-            wrapped = compile_model(wrapped, args)
+        if epoch_phase(epoch, args) != phase:
+            phase = epoch_phase(epoch, args)
+            wrapped = wrap_for_phase(model, phase, args, d, device)
         start = time.perf_counter()
         # head-only: frozen BatchNorm statistics too (train mode would still update them)
         wrapped.train(phase == "full")
@@ -1210,59 +635,172 @@ def _run(args, callbacks, d: Dist, device: torch.device, require_test: bool) -> 
             net = eval_net = head_module(model)
             train_batches, valid_batches = features["train"], features["valid"]
         train_batches.sampler.set_epoch(epoch)
-        criterion.train()
-        for cb in callbacks:
-            cb.on_mode("train")
-        train = train_one_epoch(net, train_batches, criterion, optimizer, scheduler, scaler, ctx,
+        set_mode("train", opt.criterion, callbacks)
+        train = train_one_epoch(net, train_batches, opt.criterion, opt.optimizer, opt.scheduler, opt.scaler, ctx,
                                 args.max_steps_per_epoch, epoch, args.log_interval)
         # evaluate the bare module: DDP's forward would sync buffers across ranks
         # whose shards may differ by a batch
         model.eval()
-        criterion.eval()
-        for cb in callbacks:
-            cb.on_mode("eval")
-        valid = evaluate(eval_net, valid_batches, criterion, len(classes), ctx)
+        set_mode("eval", opt.criterion, callbacks)
+        valid = evaluate(eval_net, valid_batches, opt.criterion, len(classes), ctx)
         seconds = time.perf_counter() - start
         if not math.isfinite(valid["loss"]):  # before the checkpoint: a restart resumes the last finite epoch
             raise diverged(f"the validation loss of epoch {epoch} is {valid['loss']}", train["lr"])
-
-        improved = valid["loss"] < state["best_loss"]  # NaN never improves
-        if improved:
-            state.update(best_loss=valid["loss"], best_epoch=epoch, bad_epochs=0, best_state=cpu_state(model))
-        else:
-            state["bad_epochs"] += 1
-        state["stopped"] = bool(args.patience) and state["bad_epochs"] >= args.patience
-        row = {"epoch": epoch, "phase": phase, "train_loss": train["train_loss"], "train_acc": train["train_acc"],
-               "valid_loss": valid["loss"], "valid_acc": valid["accuracy"],
-               "valid_top5_acc": valid["top5_accuracy"], "lr": train["lr"],
-               "seconds": seconds, "images_per_s": train["images_per_s"], "data_wait_s": train["data_wait_s"]}
-        state["history"].append(row)
-        state["epoch"] = epoch
+        improved = record_epoch(state, epoch, phase, train, valid, seconds, model, args.patience)
         if d.rank == 0:
-            atomic_save({**state, "identity": identity, "model": model.state_dict(),
-                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                         "scaler": scaler.state_dict(), "rng": rng_state(device)}, ckpt_path)
-        log(metrics.format_epoch(epoch, args.epochs, seconds, train_loss=row["train_loss"],
-                                 train_acc=row["train_acc"], valid_loss=row["valid_loss"],
-                                 valid_acc=row["valid_acc"], lr=row["lr"]), d.rank)
-        # the objective after every epoch (SageMaker's early stopping reads it per epoch): the
-        # kept weights' values, so whenever the job ends the last line printed is theirs
-        kept = next((h for h in state["history"] if h["epoch"] == state["best_epoch"]), row)
-        for line in metrics.format_kept(kept["valid_loss"], kept["valid_acc"]):
-            log(line, d.rank)
-        log(f"epoch {epoch}: phase={phase} {train['images_per_s']:.1f} img/s, "
-            f"data wait {train['data_wait_s']:.1f}s of {seconds:.1f}s"
-            + (" *best*" if improved else "")
-            + (f"; early stop: no improvement in {args.patience} epochs" if state["stopped"] else ""), d.rank)
+            atomic_save(checkpoint(state, identity, model, opt, device), ckpt_path)
+        log_epoch(state, args, improved, d)
 
-    # the kept weights: best by validation loss (the last ones if none was finite)
+    evaluation = evaluate_kept(model, state, loaders, opt.criterion, callbacks, classes, args.arch, ctx, d)
+    if d.rank == 0:
+        write_outputs(args, cpu_state(model), model_meta(args.arch, classes, crop, resize), evaluation,
+                      state, d)
+    return evaluation
+
+
+# The steps of _run, in its order.
+
+def scan_data(args, require_test: bool, d: Dist, device: torch.device):
+    """Classes and samples of every split given, every image header checked (data_pipeline.scan_dataset)."""
+    scan_start = time.perf_counter()
+    classes, samples = scan_dataset(data_dirs(args, require_test), args.max_bad_images)
+    log(f"data: {len(classes)} classes, " + ", ".join(f"{s}={len(v)}" for s, v in samples.items())
+        + f" (headers checked in {time.perf_counter() - scan_start:.1f}s); device={device} world={d.world}", d.rank)
+    return classes, samples
+
+
+def build_model_once_per_host(arch: str, num_classes: int, weights: str, d: Dist) -> nn.Module:
+    """Local rank 0 first, so one process per host downloads pretrained weights into its cache."""
+    if d.enabled and d.local_rank != 0:
+        dist.barrier()
+    model = build_model(arch, num_classes, weights)
+    if d.enabled and d.local_rank == 0:
+        dist.barrier()
+    return model
+
+
+@dataclass
+class Optimisation:
+    """What updates the weights: loss, optimiser, learning-rate schedule, fp16 loss scaler."""
+    criterion: SmoothedCrossEntropyLoss
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+
+
+def make_optimisation(model: nn.Module, args, train_batches: int, ctx: Context) -> Optimisation:
+    steps_per_epoch = min(train_batches, args.max_steps_per_epoch) if args.max_steps_per_epoch else train_batches
+    optimizer = make_optimizer(model, args.lr, args.weight_decay, args.momentum)
+    return Optimisation(
+        criterion=SmoothedCrossEntropyLoss(label_smoothing=args.label_smoothing),
+        optimizer=optimizer,
+        scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(
+            step, steps_per_epoch, args.epochs, args.freeze_epochs, args.lr_warmup_epochs, args.min_lr_ratio)),
+        scaler=torch.amp.GradScaler("cuda", enabled=ctx.dtype == torch.float16))
+
+
+def resume(ckpt_path: Path, identity: dict, model: nn.Module, opt: Optimisation, device: torch.device,
+           d: Dist) -> dict:
+    """The run's state: fresh, or restored (with the model and optimiser) from this job's checkpoint."""
+    state = {"epoch": 0, "best_loss": math.inf, "best_epoch": None, "bad_epochs": 0, "stopped": False,
+             "history": [], "best_state": None}
+    ckpt = load_checkpoint(ckpt_path, identity, device, move_aside=d.local_rank == 0)
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        opt.optimizer.load_state_dict(ckpt["optimizer"])
+        opt.scheduler.load_state_dict(ckpt["scheduler"])
+        if ckpt["scaler"]:  # empty when saved without fp16
+            opt.scaler.load_state_dict(ckpt["scaler"])
+        artifacts.set_rng_state(ckpt["rng"], device)
+        state.update({k: ckpt[k] for k in state})
+        log(f"resuming from {ckpt_path} after epoch {state['epoch']} "
+            f"(best validation loss {state['best_loss']:.4g} at epoch {state['best_epoch']})", d.rank)
+    if d.enabled:  # every rank must resume from the same epoch, or DDP would hang
+        epochs_seen = torch.tensor([state["epoch"]], device=device)
+        dist.broadcast(epochs_seen, src=0)
+        if int(epochs_seen) != state["epoch"]:
+            raise RuntimeError(f"rank {d.rank} found checkpoint epoch {state['epoch']}, rank 0 {int(epochs_seen)}: "
+                               f"all ranks need the same --checkpoint-dir content")
+    return state
+
+
+def epoch_phase(epoch: int, args) -> str:
+    return "head" if epoch <= args.freeze_epochs else "full"
+
+
+def wrap_for_phase(model: nn.Module, phase: str, args, d: Dist, device: torch.device) -> nn.Module:
+    """(Un)freeze the backbone for the phase and wrap the model to train it: DDP tracks the
+    parameters that require grad when wrapped, so it is re-wrapped on (un)freezing."""
+    set_trainable(model, head_only=phase == "head")
+    wrapped = model
+    if d.enabled:
+        wrapped = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    return compile_model(wrapped, args)
+
+
+def set_mode(mode: str, criterion: nn.Module, callbacks: list[Callbacks]) -> None:
+    """The loss (label smoothing on or off) and the hooks follow train/eval."""
+    criterion.train(mode == "train")
+    for cb in callbacks:
+        cb.on_mode(mode)
+
+
+def record_epoch(state: dict, epoch: int, phase: str, train: dict, valid: dict, seconds: float,
+                 model: nn.Module, patience: int) -> bool:
+    """The epoch's row in the history, the best weights so far, early stopping; True if it improved."""
+    improved = valid["loss"] < state["best_loss"]  # NaN never improves
+    if improved:
+        state.update(best_loss=valid["loss"], best_epoch=epoch, bad_epochs=0, best_state=cpu_state(model))
+    else:
+        state["bad_epochs"] += 1
+    state["stopped"] = bool(patience) and state["bad_epochs"] >= patience
+    state["history"].append({
+        "epoch": epoch, "phase": phase, "train_loss": train["train_loss"], "train_acc": train["train_acc"],
+        "valid_loss": valid["loss"], "valid_acc": valid["accuracy"], "valid_top5_acc": valid["top5_accuracy"],
+        "lr": train["lr"], "seconds": seconds, "images_per_s": train["images_per_s"],
+        "data_wait_s": train["data_wait_s"]})
+    state["epoch"] = epoch
+    return improved
+
+
+def checkpoint(state: dict, identity: dict, model: nn.Module, opt: Optimisation, device: torch.device) -> dict:
+    """Everything a restarted job needs to go on after this epoch (artifacts.CHECKPOINT_KEYS)."""
+    return {**state, "identity": identity, "model": model.state_dict(), "optimizer": opt.optimizer.state_dict(),
+            "scheduler": opt.scheduler.state_dict(), "scaler": opt.scaler.state_dict(),
+            "rng": artifacts.rng_state(device)}
+
+
+def kept_row(state: dict) -> dict:
+    """The history row of the weights kept (best by validation loss), else the last one."""
+    return next((h for h in state["history"] if h["epoch"] == state["best_epoch"]), state["history"][-1])
+
+
+def log_epoch(state: dict, args, improved: bool, d: Dist) -> None:
+    row = state["history"][-1]
+    log(metrics.format_epoch(row["epoch"], args.epochs, row["seconds"], train_loss=row["train_loss"],
+                             train_acc=row["train_acc"], valid_loss=row["valid_loss"],
+                             valid_acc=row["valid_acc"], lr=row["lr"]), d.rank)
+    # the objective after every epoch (SageMaker's early stopping reads it per epoch): the
+    # kept weights' values, so whenever the job ends the last line printed is theirs
+    kept = kept_row(state)
+    for line in metrics.format_kept(kept["valid_loss"], kept["valid_acc"]):
+        log(line, d.rank)
+    log(f"epoch {row['epoch']}: phase={row['phase']} {row['images_per_s']:.1f} img/s, "
+        f"data wait {row['data_wait_s']:.1f}s of {row['seconds']:.1f}s"
+        + (" *best*" if improved else "")
+        + (f"; early stop: no improvement in {args.patience} epochs" if state["stopped"] else ""), d.rank)
+
+
+def evaluate_kept(model: nn.Module, state: dict, loaders: dict, criterion: nn.Module, callbacks: list,
+                  classes: list[str], arch: str, ctx: Context, d: Dist) -> dict:
+    """Load the kept weights (the last ones if none was finite), evaluate them once on test,
+    print the summary metric lines; evaluation.json's content."""
     if state["best_state"] is not None:
         model.load_state_dict(state["best_state"])
-    best = next((h for h in state["history"] if h["epoch"] == state["best_epoch"]), state["history"][-1])
+    best = kept_row(state)
     model.eval()
-    criterion.eval()
-    for cb in callbacks:
-        cb.on_mode("eval")
+    set_mode("eval", criterion, callbacks)
     if "test" in loaders:
         test = evaluate(model, loaders["test"], criterion, len(classes), ctx)
     else:
@@ -1275,7 +813,7 @@ def _run(args, callbacks, d: Dist, device: torch.device, require_test: bool) -> 
         "valid_loss": best["valid_loss"], "valid_accuracy": best["valid_acc"],
         "per_class_accuracy": dict(zip(labels, test["per_class"])),
         "num_test_images": test["count"], "classes": classes,
-        "best_epoch": state["best_epoch"], "epochs_run": state["epoch"], "arch": args.arch,
+        "best_epoch": state["best_epoch"], "epochs_run": state["epoch"], "arch": arch,
     }
     for line in metrics.format_kept(best["valid_loss"], best["valid_acc"]):
         log(line, d.rank)
@@ -1284,17 +822,17 @@ def _run(args, callbacks, d: Dist, device: torch.device, require_test: bool) -> 
                         ("test top5 accuracy", test["top5_accuracy"])):
         if value is not None:
             log(metrics.format_summary(name, value), d.rank)
-
-    if d.rank == 0:
-        meta = {"arch": args.arch, "classes": classes, "labels": labels, "image_size": crop,
-                "resize_size": resize, "mean": list(modeling.IMAGENET_MEAN), "std": list(modeling.IMAGENET_STD)}
-        write_model_dir(Path(args.model_dir), cpu_state(model), meta, evaluation)
-        out = Path(args.output_data_dir)
-        atomic_write_text(out / "evaluation.json", to_json(evaluation))
-        atomic_write_text(out / "history.json", to_json(state["history"]))
-        plot_history(state["history"], out / "loss_curve.png", state["best_epoch"])
-        log(f"wrote model to {args.model_dir}, evaluation/history/loss curve to {out}", d.rank)
     return evaluation
+
+
+def write_outputs(args, weights: dict, meta: dict, evaluation: dict, state: dict, d: Dist) -> None:
+    """The model dir, and evaluation/history/loss curve in the output data dir."""
+    write_model_dir(Path(args.model_dir), weights, meta, evaluation)
+    out = Path(args.output_data_dir)
+    atomic_write_text(out / "evaluation.json", to_json(evaluation))
+    atomic_write_text(out / "history.json", to_json(state["history"]))
+    artifacts.plot_history(state["history"], out / "loss_curve.png", state["best_epoch"])
+    log(f"wrote model to {args.model_dir}, evaluation/history/loss curve to {out}", d.rank)
 
 
 def main(argv: list[str] | None = None, prog: str | None = None, extend=None, make_callbacks=None,

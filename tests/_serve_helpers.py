@@ -4,9 +4,9 @@ from __future__ import annotations
 import base64
 import io
 import json
-import shutil
 import socket
 import struct
+import sys
 import tarfile
 import urllib.error
 import urllib.request
@@ -20,30 +20,24 @@ from pipeline.sample_data import DOG_CLASS_DIRS
 from scripts import modeling
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))  # model_dir imports its siblings as top-level modules, as in the container
+import model_dir as model_dir_layout  # noqa: E402
+
 CLASSES = DOG_CLASS_DIRS[:5]  # 001.Affenpinscher ... 005.Alaskan_malamute
 LABELS = [modeling.breed_label(c) for c in CLASSES]
 
 
 def make_model_dir(path: Path, arch: str = "resnet18", classes=CLASSES, image_size: int = 48,
                    resize_size: int = 56, seed: int = 0, extra_code: dict[str, str] | None = None) -> Path:
-    """A model dir as the training job writes it, with random weights (resnet18: unlike
-    mobilenet_v3_small, its random init answers differently for different images)."""
+    """A model dir as the training job writes it (scripts/model_dir.py), with random weights
+    (resnet18: unlike mobilenet_v3_small, its random init answers differently for different images)."""
     torch.manual_seed(seed)
     model = modeling.build_model(arch, len(classes), weights="none").eval()
-    path.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), path / modeling.MODEL_WEIGHTS_FILE)
-    modeling.write_model_meta(path, {
-        "arch": arch, "classes": list(classes), "labels": [modeling.breed_label(c) for c in classes],
-        "image_size": image_size, "resize_size": resize_size,
-        "mean": list(modeling.IMAGENET_MEAN), "std": list(modeling.IMAGENET_STD)})
-    (path / "evaluation.json").write_text(json.dumps({"accuracy": 0.2}))
-    code = path / "code"
-    code.mkdir(exist_ok=True)
-    for name in ("inference.py", "modeling.py"):
-        shutil.copy(ROOT / "scripts" / name, code / name)
-    (code / "requirements.txt").write_text("")
+    model_dir_layout.write_model_dir(path, model.state_dict(),
+                                     model_dir_layout.model_meta(arch, classes, image_size, resize_size),
+                                     evaluation={"accuracy": 0.2}, requirements="")
     for name, text in (extra_code or {}).items():
-        (code / name).write_text(text)
+        (path / "code" / name).write_text(text)
     return path
 
 

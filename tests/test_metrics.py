@@ -68,3 +68,12 @@ def test_bad_lines_are_refused():
         metrics.format_epoch(1, 2, 1.0, train_loss=1, train_acc=1, valid_loss=1, valid_acc=1)
     with pytest.raises(ValueError, match="unknown summary metric"):
         metrics.format_summary("accuracy", 1.0)
+
+
+def test_progress_and_summary_lines_are_read_with_this_module_s_regexes():
+    """The local executor and tuner draw progress with epoch_progress / summary_name, not regexes of their own."""
+    assert metrics.epoch_progress(_epoch_line()) == (2, 8, _epoch_line().split(" ", 2)[2])
+    assert metrics.epoch_progress("epochs 2/8") is None
+    for name in metrics.SUMMARY_FIELDS:
+        assert metrics.summary_name(metrics.format_summary(name, 0.5)) == name
+    assert metrics.summary_name("test accuracy is great") is None

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import DefinitionError
+from pipeline.formats import duration_seconds
 from pipeline.local import expressions as ex
 from pipeline.local.dag import Dag
 from pipeline.local.document import load_definition
@@ -42,9 +43,12 @@ from pipeline.local.jobs import JobError, arn, bar, now_iso, read_json, run_trai
 from pipeline.local.store import LocalStore
 from pipeline.local.tuner import TuningError, run_tuning_job
 from pipeline.params import resolve_parameters
+from scripts import metrics
 
 SUPPORTED = ("Training", "Tuning", "Model", "RegisterModel", "Condition", "Fail", "EndpointConfig", "Endpoint")
 RESUMABLE = ("Executing", "Stopping", "Stopped")
+# the summary lines of a training log echoed with its progress
+SHOWN_SUMMARIES = ("test accuracy", "average test loss", "validation accuracy")
 
 
 class StepFailed(Exception):
@@ -66,11 +70,10 @@ def _duration_s(text: str | None) -> float | None:
     """ISO 8601 durations as CacheConfig.ExpireAfter uses them (P30D, PT1H, P1DT12H)."""
     if not text:
         return None
-    m = re.fullmatch(r"P(?:(\d+)Y)?(?:(\d+)M)?(?:(\d+)W)?(?:(\d+)D)?(?:T(?:(\d+)H)?(?:(\d+)M)?(?:(\d+)S)?)?", text)
-    if not m:
+    seconds = duration_seconds(text)
+    if seconds is None:
         raise DefinitionError(f"CacheConfig.ExpireAfter {text!r} is not an ISO 8601 duration like P30D or PT1H")
-    y, mo, w, d, h, mi, s = (int(g or 0) for g in m.groups())
-    return (((y * 365 + mo * 30 + w * 7 + d) * 24 + h) * 60 + mi) * 60 + s
+    return seconds
 
 
 # ---------------------------------------------------------------- execution
@@ -360,14 +363,12 @@ class Execution:
         return f"pipelines-{self.record['PipelineExecutionId']}-{stem}-{secrets.token_hex(3)}"[:limit]
 
     def _epoch_printer(self, label: str) -> Callable[[str], None]:
-        pattern = re.compile(r"^epoch (\d+)/(\d+)\s*(.*)")
-
         def on_line(line: str) -> None:
-            m = pattern.match(line)
-            if m:
-                done, total = int(m.group(1)), int(m.group(2))
-                self.say(f"  {label} epoch {done}/{total} {bar(done, total)} {m.group(3)[:100]}")
-            elif re.match(r"^(test accuracy|average test loss|validation accuracy)", line):
+            progress = metrics.epoch_progress(line)
+            if progress:
+                done, total, rest = progress
+                self.say(f"  {label} epoch {done}/{total} {bar(done, total)} {rest[:100]}")
+            elif metrics.summary_name(line) in SHOWN_SUMMARIES:
                 self.say(f"  {label} {line.strip()}")
         return on_line
 

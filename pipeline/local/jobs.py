@@ -28,11 +28,13 @@ import tarfile
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import psutil
 
+from pipeline.archives import extract_tar
 from pipeline.errors import UserError
 from pipeline.files import atomic_path, atomic_write
 from pipeline.local.store import LocalStore
@@ -88,13 +90,6 @@ def pack_dir(source: Path, store: LocalStore, uri: str) -> str:
         for item in sorted(Path(source).iterdir()) if Path(source).exists() else []:
             tar.add(item, arcname=item.name)
     return uri
-
-
-def extract_archive(archive: Path, dest: Path) -> None:
-    """Safe extraction: the 'data' filter refuses absolute paths, '..', links out and devices."""
-    dest.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(archive) as tar:
-        tar.extractall(dest, filter="data")
 
 
 def unquote(value: Any) -> Any:
@@ -262,67 +257,149 @@ def run_training_job(
     Returns its DescribeTrainingJob. `on_line` sees every log line as it comes,
     `should_stop` is polled (tuning early stopping): True stops the job (Stopped).
     """
-    job_dir = Path(job_dir)
-    ml = job_dir / "opt_ml"
-    # a re-run of the same job starts clean, but keeps its checkpoints (spot-style resume)
-    for sub in ("input", "code", "model", "output"):
-        shutil.rmtree(ml / sub, ignore_errors=True)
-    cfg_dir, data_dir, code_dir = ml / "input" / "config", ml / "input" / "data", ml / "code"
-    model_dir, output_dir = ml / "model", ml / "output"
-    ckpt_dir = ml / "checkpoints"
-    for d in (cfg_dir, data_dir, code_dir, model_dir, output_dir / "data", ckpt_dir):
-        d.mkdir(parents=True, exist_ok=True)
+    box = make_sandbox(Path(job_dir))
+    restore_checkpoints(request, store, box)
+    created = now_iso()
+    job = read_request(name, request)
+    resource_config = write_contract(job, box, store)
+    program, submit, entry = install_code(job, box, store)
+    env = sm_environment(job, box, resource_config, program, submit, extra_env)
+    command = ([python, str(entry)] if program.endswith(".py") else ["/bin/sh", str(entry)]) + cmd_args(job.user_hps)
+    run = supervise(command, env, box, job, on_line, should_stop)
+    log_text = run.log_path.read_text()
+    final = final_metric_list(log_text, job.algo.get("MetricDefinitions") or [], box, run.ended)
+    status, secondary, reason, failure_kind = outcome(run, job, box, log_text)
+    model_uri, profile = store_outputs(job, box, store)
+    return describe_job(job, box, created, run, status, secondary, reason, failure_kind, model_uri, final, profile)
 
+
+# The steps of run_training_job, in its order.
+
+@dataclass
+class Sandbox:
+    """A job's /opt/ml-shaped folders (the module docstring draws them)."""
+    job_dir: Path
+
+    @property
+    def ml(self) -> Path:
+        return self.job_dir / "opt_ml"
+
+    @property
+    def config(self) -> Path:
+        return self.ml / "input" / "config"
+
+    @property
+    def data(self) -> Path:
+        return self.ml / "input" / "data"
+
+    @property
+    def code(self) -> Path:
+        return self.ml / "code"
+
+    @property
+    def model(self) -> Path:
+        return self.ml / "model"
+
+    @property
+    def output(self) -> Path:
+        return self.ml / "output"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.ml / "checkpoints"
+
+
+def make_sandbox(job_dir: Path) -> Sandbox:
+    """A re-run of the same job starts clean, but keeps its checkpoints (spot-style resume)."""
+    box = Sandbox(job_dir)
+    for sub in ("input", "code", "model", "output"):
+        shutil.rmtree(box.ml / sub, ignore_errors=True)
+    for d in (box.config, box.data, box.code, box.model, box.output / "data", box.checkpoints):
+        d.mkdir(parents=True, exist_ok=True)
+    return box
+
+
+def restore_checkpoints(request: dict, store: LocalStore, box: Sandbox) -> None:
+    """CheckpointConfig: what an earlier attempt synced to S3 comes back into the sandbox."""
     checkpoint_uri = (request.get("CheckpointConfig") or {}).get("S3Uri")
     if isinstance(checkpoint_uri, str) and store.exists(checkpoint_uri):
-        # CheckpointConfig: what an earlier attempt synced to S3 comes back into the sandbox
-        shutil.copytree(store.path(checkpoint_uri), ckpt_dir, dirs_exist_ok=True)
-    created = now_iso()
+        shutil.copytree(store.path(checkpoint_uri), box.checkpoints, dirs_exist_ok=True)
+
+
+@dataclass
+class JobRequest:
+    """The parts of a CreateTrainingJob request the job runs by."""
+    name: str
+    request: dict
+    hps_raw: dict[str, str]        # as SageMaker stores them: strings
+    framework: dict[str, Any]      # sagemaker_* and the tuner's _tuning_objective_metric: the platform's
+    user_hps: dict[str, Any]       # the script's, json-decoded once
+    algo: dict
+    resources: dict
+    instance_type: str
+    channels: list[dict]
+    out_path: str
+    max_runtime: Any
+    checkpoint_uri: Any
+    hook: dict | None
+    profiler: dict
+    profiling: bool
+
+
+def read_request(name: str, request: dict) -> JobRequest:
     hps_raw = {k: (v if isinstance(v, str) else json.dumps(v))
                for k, v in (request.get("HyperParameters") or {}).items()}
     hps = {k: unquote(v) for k, v in hps_raw.items()}
-    # sagemaker_* and the tuner's _tuning_objective_metric are the platform's, not the script's
     framework = {k: v for k, v in hps.items() if k.startswith("sagemaker_") or k == TUNING_METRIC}
-    user_hps = {k: v for k, v in hps.items() if k not in framework}
-    algo = request.get("AlgorithmSpecification") or {}
     resources = request.get("ResourceConfig") or request.get("HyperParameterTuningResourceConfig") or {}
-    instance_type = resources.get("InstanceType", "local")
-    channels = request.get("InputDataConfig") or []
     out_path = (request.get("OutputDataConfig") or {}).get("S3OutputPath")
     if not isinstance(out_path, str) or not out_path.startswith("s3://"):
         raise JobError(f"job {name}: OutputDataConfig.S3OutputPath must be an s3:// URI, got {out_path!r}")
-    max_runtime = (request.get("StoppingCondition") or {}).get("MaxRuntimeInSeconds")
+    profiler = request.get("ProfilerConfig") or {}
+    return JobRequest(
+        name=name, request=request, hps_raw=hps_raw, framework=framework,
+        user_hps={k: v for k, v in hps.items() if k not in framework},
+        algo=request.get("AlgorithmSpecification") or {}, resources=resources,
+        instance_type=resources.get("InstanceType", "local"), channels=request.get("InputDataConfig") or [],
+        out_path=out_path, max_runtime=(request.get("StoppingCondition") or {}).get("MaxRuntimeInSeconds"),
+        checkpoint_uri=(request.get("CheckpointConfig") or {}).get("S3Uri"),
+        hook=request.get("DebugHookConfig"), profiler=profiler,
+        profiling=bool(profiler) and not profiler.get("DisableProfiler", False))
 
-    # -- the contract files
-    write_json(cfg_dir / "hyperparameters.json", hps_raw)
+
+def write_contract(job: JobRequest, box: Sandbox, store: LocalStore) -> dict:
+    """input/config/*.json and the channels' folders, as the toolkit reads them; the resource config."""
+    cfg_dir = box.config
+    write_json(cfg_dir / "hyperparameters.json", job.hps_raw)
     write_json(cfg_dir / "inputdataconfig.json", {
-        c["ChannelName"]: {"TrainingInputMode": c.get("InputMode", algo.get("TrainingInputMode", "File")),
+        c["ChannelName"]: {"TrainingInputMode": c.get("InputMode", job.algo.get("TrainingInputMode", "File")),
                            "S3DistributionType": c.get("DataSource", {}).get("S3DataSource", {}).get(
                                "S3DataDistributionType", "FullyReplicated"),
                            "RecordWrapperType": c.get("RecordWrapperType", "None")}
-        for c in channels if "ChannelName" in c})
-    resource_config = {"current_host": HOST, "current_instance_type": instance_type,
+        for c in job.channels if "ChannelName" in c})
+    resource_config = {"current_host": HOST, "current_instance_type": job.instance_type,
                        "current_group_name": "homogeneousCluster", "hosts": [HOST],
                        "instance_groups": [{"instance_group_name": "homogeneousCluster",
-                                            "instance_type": instance_type, "hosts": [HOST]}],
+                                            "instance_type": job.instance_type, "hosts": [HOST]}],
                        "network_interface_name": "eth0"}
     write_json(cfg_dir / "resourceconfig.json", resource_config)
-    for c in channels:
-        _link_channel(store, c, data_dir / c.get("ChannelName", "?"))
-    hook = request.get("DebugHookConfig")
-    if hook:
+    for c in job.channels:
+        _link_channel(store, c, box.data / c.get("ChannelName", "?"))
+    if job.hook:
         write_json(cfg_dir / "debughookconfig.json", {
-            "LocalPath": str(output_dir / "tensors"), "S3OutputPath": hook.get("S3OutputPath"),
-            "HookParameters": hook.get("HookParameters") or {},
-            "CollectionConfigurations": hook.get("CollectionConfigurations") or []})
-    profiler = request.get("ProfilerConfig") or {}
-    profiling = bool(profiler) and not profiler.get("DisableProfiler", False)
-    if profiling:
-        write_json(cfg_dir / "profilerconfig.json", {**profiler, "LocalPath": str(output_dir / "profiler")})
+            "LocalPath": str(box.output / "tensors"), "S3OutputPath": job.hook.get("S3OutputPath"),
+            "HookParameters": job.hook.get("HookParameters") or {},
+            "CollectionConfigurations": job.hook.get("CollectionConfigurations") or []})
+    if job.profiling:
+        write_json(cfg_dir / "profilerconfig.json", {**job.profiler, "LocalPath": str(box.output / "profiler")})
+    return resource_config
 
-    # -- the code: sagemaker_submit_directory (an S3 sourcedir.tar.gz) + sagemaker_program
-    program = framework.get("sagemaker_program")
-    submit = framework.get("sagemaker_submit_directory")
+
+def install_code(job: JobRequest, box: Sandbox, store: LocalStore) -> tuple[str, Any, Path]:
+    """sagemaker_submit_directory (an S3 sourcedir.tar.gz) extracted into code/; (program, submit, entry)."""
+    name = job.name
+    program = job.framework.get("sagemaker_program")
+    submit = job.framework.get("sagemaker_submit_directory")
     if not program:
         raise JobError(f"job {name}: HyperParameters has no sagemaker_program (the entry point)")
     if submit:
@@ -331,62 +408,83 @@ def run_training_job(
         archive = store.path(submit)
         if not archive.is_file():
             raise JobError(f"job {name}: source archive {submit} is not in the local store ({archive})")
-        extract_archive(archive, code_dir)
-    entry = code_dir / program
+        extract_tar(archive, box.code)
+    entry = box.code / program
     if not entry.is_file():
         raise JobError(f"job {name}: entry point {program!r} is not in the source archive {submit}")
+    return program, submit, entry
 
-    # -- the SM_* environment: sagemaker_training.environment.Environment's to_env_vars() and
-    # its properties (SM_TRAINING_ENV), key for key; tests/test_fidelity_training.py runs the
-    # toolkit's own Environment on this sandbox and requires the same variables.
-    channel_dirs = {c["ChannelName"]: str(data_dir / c["ChannelName"]) for c in channels}
+
+def sm_environment(job: JobRequest, box: Sandbox, resource_config: dict, program: str, submit: Any,
+                   extra_env: dict[str, str] | None) -> dict[str, str]:
+    """The SM_* environment: sagemaker_training.environment.Environment's to_env_vars() and
+    its properties (SM_TRAINING_ENV), key for key; tests/test_fidelity_training.py runs the
+    toolkit's own Environment on this sandbox and requires the same variables."""
+    ml, cfg_dir, output_dir, framework = box.ml, box.config, box.output, job.framework
+    channel_dirs = {c["ChannelName"]: str(box.data / c["ChannelName"]) for c in job.channels}
     framework_params = {k: v for k, v in framework.items()
                         if k not in ("sagemaker_program", "sagemaker_submit_directory", "sagemaker_region",
                                      "sagemaker_container_log_level", "sagemaker_job_name", TUNING_METRIC)}
     group = resource_config["current_group_name"]
     common = {
         "current_host": HOST, "current_instance_group": group, "current_instance_group_hosts": [HOST],
-        "current_instance_type": instance_type, "hosts": [HOST], "instance_groups": [group],
+        "current_instance_type": job.instance_type, "hosts": [HOST], "instance_groups": [group],
         "instance_groups_dict": {group: resource_config["instance_groups"][0]},
         "distribution_instance_groups": [], "is_hetero": False, "network_interface_name": "eth0",
         "framework_module": FRAMEWORK_MODULE, "input_config_dir": str(cfg_dir),
         "input_data_config": read_json(cfg_dir / "inputdataconfig.json"), "input_dir": str(ml / "input"),
-        "log_level": framework.get("sagemaker_container_log_level", 20), "model_dir": str(model_dir),
-        "module_dir": submit or str(code_dir), "module_name": Path(program).stem,
+        "log_level": framework.get("sagemaker_container_log_level", 20), "model_dir": str(box.model),
+        "module_dir": submit or str(box.code), "module_name": Path(program).stem,
         "num_cpus": os.cpu_count() or 1, "num_gpus": _num_gpus(), "num_neurons": 0,
         "output_data_dir": str(output_dir / "data"), "output_dir": str(output_dir),
         "output_intermediate_dir": str(output_dir / "intermediate"), "resource_config": resource_config,
         "user_entry_point": program,
     }
     training_env = {**common, "additional_framework_parameters": framework_params,
-                    "channel_input_dirs": channel_dirs, "distribution_hosts": [], "hyperparameters": user_hps,
+                    "channel_input_dirs": channel_dirs, "distribution_hosts": [], "hyperparameters": job.user_hps,
                     "is_master": True, "is_modelparallel_enabled": None, "is_smddpmprun_installed": False,
-                    "is_smddprun_installed": False, "job_name": name, "master_hostname": HOST, "topology": []}
-    env_map: dict[str, Any] = {**common, "hps": user_hps, "framework_params": framework_params,
+                    "is_smddprun_installed": False, "job_name": job.name, "master_hostname": HOST, "topology": []}
+    env_map: dict[str, Any] = {**common, "hps": job.user_hps, "framework_params": framework_params,
                                "channels": sorted(channel_dirs), "training_env": training_env,
-                               "user_args": cmd_args(user_hps)}
+                               "user_args": cmd_args(job.user_hps)}
     env_map.update({f"channel_{k}": v for k, v in channel_dirs.items()})
-    env_map.update({f"hp_{k}": v for k, v in user_hps.items()})
+    env_map.update({f"hp_{k}": v for k, v in job.user_hps.items()})
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_SECRET", "AWS_SESSION"))}
     env.update({f"SM_{k.upper()}": _env_value(v) for k, v in env_map.items()})
     # Not the toolkit's: scripts default to /opt/ml/checkpoints (what CheckpointConfig syncs), which
     # this sandbox is not; the one SM_* variable a local job has that a SageMaker job does not.
-    env["SM_CHECKPOINT_DIR"] = str(ckpt_dir)
+    env["SM_CHECKPOINT_DIR"] = str(box.checkpoints)
     env.update({"SAGEMAKER_PROGRAM": program, "SAGEMAKER_REGION": str(framework.get("sagemaker_region", REGION)),
-                "TRAINING_JOB_NAME": name, "TRAINING_JOB_ARN": arn("training-job", name),
-                "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join([str(code_dir)] + (
+                "TRAINING_JOB_NAME": job.name, "TRAINING_JOB_ARN": arn("training-job", job.name),
+                "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join([str(box.code)] + (
                     [env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))})
-    if hook:
+    if job.hook:
         env["SMDEBUG_CONFIG_FILE_PATH"] = str(cfg_dir / "debughookconfig.json")
-    if profiling:
+    if job.profiling:
         env["SMPROFILER_CONFIG_PATH"] = str(cfg_dir / "profilerconfig.json")
     env.update(extra_env or {})
-    for key, value in (request.get("Environment") or {}).items():
+    for key, value in (job.request.get("Environment") or {}).items():
         env[key] = str(value)
-    command = ([python, str(entry)] if program.endswith(".py") else ["/bin/sh", str(entry)]) + cmd_args(user_hps)
+    return env
 
-    # -- run it
-    log_path = job_dir / "job.log"
+
+@dataclass
+class Run:
+    """How the job's process went."""
+    returncode: int
+    secondary: str                 # Completed, or why it was stopped: MaxRuntimeExceeded / Stopped
+    started: str
+    ended: str
+    seconds: int
+    log_path: Path
+
+
+def supervise(command: list[str], env: dict[str, str], box: Sandbox, job: JobRequest,
+              on_line: Callable[[str], None] | None, should_stop: Callable[[], bool] | None) -> Run:
+    """Run the job's process to its end: its log captured line by line (job.log), the system
+    sampled when profiling, stopped on MaxRuntimeInSeconds or should_stop(), and killed with
+    its process group whatever happens here."""
+    log_path = box.job_dir / "job.log"
     started = now_iso()
     t0 = time.monotonic()
     secondary = "Completed"
@@ -394,18 +492,18 @@ def run_training_job(
     with open(log_path, "w") as log:
         log.write(f"$ {' '.join(command)}\n")
         log.flush()
-        proc = subprocess.Popen(command, cwd=code_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(command, cwd=box.code, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, bufsize=1, start_new_session=True, preexec_fn=_set_pdeathsig)
-        if profiling:
-            sampler = SystemSampler(proc.pid, output_dir / "profiler" / "system_metrics.jsonl",
-                                    int(profiler.get("ProfilingIntervalInMilliseconds", 500)))
+        if job.profiling:
+            sampler = SystemSampler(proc.pid, box.output / "profiler" / "system_metrics.jsonl",
+                                    int(job.profiler.get("ProfilingIntervalInMilliseconds", 500)))
             sampler.start()
         stop = threading.Event()
 
         def watchdog():
             nonlocal secondary
             while not stop.wait(0.5):
-                if max_runtime and time.monotonic() - t0 > float(max_runtime):
+                if job.max_runtime and time.monotonic() - t0 > float(job.max_runtime):
                     secondary = "MaxRuntimeExceeded"
                 elif should_stop is not None and should_stop():
                     secondary = "Stopped"
@@ -429,47 +527,59 @@ def run_training_job(
                 sampler.stop_event.set()
                 sampler.join(2)
     ended = now_iso()
-    seconds = int(round(time.monotonic() - t0))
+    return Run(returncode=proc.returncode, secondary=secondary, started=started, ended=ended,
+               seconds=int(round(time.monotonic() - t0)), log_path=log_path)
 
-    log_text = log_path.read_text()
-    definitions = algo.get("MetricDefinitions") or []
+
+def final_metric_list(log_text: str, definitions: list[dict], box: Sandbox, ended: str) -> list[dict]:
+    """The job's own MetricDefinitions over its log: every value in metrics.json, the last finite
+    one of each as FinalMetricDataList."""
     series = parse_metrics(log_text, definitions) if definitions else {}
-    write_json(job_dir / "metrics.json", series)
+    write_json(box.job_dir / "metrics.json", series)
     final = []
     for metric, values in series.items():
         finite = [v for v in values if v == v]
         if finite:
             final.append({"MetricName": metric, "Value": finite[-1], "Timestamp": ended})
+    return final
 
-    failure_kind = None
-    if secondary == "Completed" and proc.returncode != 0:
+
+def outcome(run: Run, job: JobRequest, box: Sandbox, log_text: str) -> tuple[str, str, str | None, str | None]:
+    """(TrainingJobStatus, SecondaryStatus, FailureReason, local failure kind) of a finished run."""
+    secondary, failure_kind = run.secondary, None
+    if secondary == "Completed" and run.returncode != 0:
         status, secondary = "Failed", "Failed"
-        failure_file = output_dir / "failure"
+        failure_file = box.output / "failure"
         reason = failure_file.read_text().strip() if failure_file.exists() else ""
         tail = " | ".join(log_text.strip().splitlines()[-5:])[-800:]
-        if proc.returncode < 0:
+        if run.returncode < 0:
             # killed from outside (OOM killer, a signal): the platform's fault, retryable
             # under a SageMaker.JOB_INTERNAL_ERROR RetryPolicy
             failure_kind = "JOB_INTERNAL_ERROR"
-            reason = reason or f"InternalServerError: the job's process was killed by signal {-proc.returncode}: {tail}"
-        reason = reason or f"AlgorithmError: exit code {proc.returncode}: {tail}"
+            reason = reason or f"InternalServerError: the job's process was killed by signal {-run.returncode}: {tail}"
+        reason = reason or f"AlgorithmError: exit code {run.returncode}: {tail}"
     elif secondary == "Completed":
         status, reason = "Completed", None
     else:
         status = "Stopped"
-        reason = (f"MaxRuntimeExceeded: stopped after {max_runtime} s (StoppingCondition.MaxRuntimeInSeconds)"
+        reason = (f"MaxRuntimeExceeded: stopped after {job.max_runtime} s (StoppingCondition.MaxRuntimeInSeconds)"
                   if secondary == "MaxRuntimeExceeded" else "Stopped by the tuning job (early stopping)")
+    return status, secondary, reason, failure_kind
 
-    # -- artifacts into the store, where AWS puts them
-    prefix = f"{out_path.rstrip('/')}/{name}"
-    model_uri = pack_dir(model_dir, store, f"{prefix}/output/model.tar.gz")
+
+def store_outputs(job: JobRequest, box: Sandbox, store: LocalStore) -> tuple[str, dict]:
+    """model.tar.gz, output.tar.gz, checkpoints, Debugger tensors and profiler output into the
+    store, where AWS puts them; (model URI, profiler summary)."""
+    name, output_dir, hook, profiler = job.name, box.output, job.hook, job.profiler
+    prefix = f"{job.out_path.rstrip('/')}/{name}"
+    model_uri = pack_dir(box.model, store, f"{prefix}/output/model.tar.gz")
     pack_dir(output_dir / "data", store, f"{prefix}/output/output.tar.gz")
-    if isinstance(checkpoint_uri, str) and any(ckpt_dir.iterdir()):
-        store.put_dir(checkpoint_uri, ckpt_dir)
+    if isinstance(job.checkpoint_uri, str) and any(box.checkpoints.iterdir()):
+        store.put_dir(job.checkpoint_uri, box.checkpoints)
     if hook and (output_dir / "tensors").exists() and isinstance(hook.get("S3OutputPath"), str):
         store.put_dir(f"{hook['S3OutputPath'].rstrip('/')}/{name}/debug-output", output_dir / "tensors")
     profile = {}
-    if profiling:
+    if job.profiling:
         profile = profiler_summary(output_dir / "profiler" / "system_metrics.jsonl")
         write_json(output_dir / "profiler" / "system_summary.json", profile)
         for extra in (output_dir / "data").glob("*profil*"):  # the job's own torch.profiler summary
@@ -479,27 +589,34 @@ def run_training_job(
                 shutil.copy2(extra, output_dir / "profiler" / extra.name)
         if isinstance(profiler.get("S3OutputPath"), str):
             store.put_dir(f"{profiler['S3OutputPath'].rstrip('/')}/{name}/profiler-output", output_dir / "profiler")
+    return model_uri, profile
 
+
+def describe_job(job: JobRequest, box: Sandbox, created: str, run: Run, status: str, secondary: str,
+                 reason: str | None, failure_kind: str | None, model_uri: str, final: list[dict],
+                 profile: dict) -> dict:
+    """The result in the shape of DescribeTrainingJob (+ Local* extensions)."""
+    request, ended = job.request, run.ended
     describe = {
-        "TrainingJobName": name,
-        "TrainingJobArn": arn("training-job", name),
+        "TrainingJobName": job.name,
+        "TrainingJobArn": arn("training-job", job.name),
         "TrainingJobStatus": status,
         "SecondaryStatus": secondary,
-        "HyperParameters": hps_raw,
-        "AlgorithmSpecification": algo,
+        "HyperParameters": job.hps_raw,
+        "AlgorithmSpecification": job.algo,
         "RoleArn": request.get("RoleArn"),
-        "InputDataConfig": channels,
+        "InputDataConfig": job.channels,
         "OutputDataConfig": request.get("OutputDataConfig"),
-        "ResourceConfig": resources,
+        "ResourceConfig": job.resources,
         "StoppingCondition": request.get("StoppingCondition") or {},
-        "CreationTime": created, "TrainingStartTime": started, "TrainingEndTime": ended,
+        "CreationTime": created, "TrainingStartTime": run.started, "TrainingEndTime": ended,
         "LastModifiedTime": ended,
-        "TrainingTimeInSeconds": seconds, "BillableTimeInSeconds": seconds,
+        "TrainingTimeInSeconds": run.seconds, "BillableTimeInSeconds": run.seconds,
         "ModelArtifacts": {"S3ModelArtifacts": model_uri},
         "FinalMetricDataList": final,
         "SecondaryStatusTransitions": [
-            {"Status": "Starting", "StartTime": created, "EndTime": started},
-            {"Status": "Training", "StartTime": started, "EndTime": ended},
+            {"Status": "Starting", "StartTime": created, "EndTime": run.started},
+            {"Status": "Training", "StartTime": run.started, "EndTime": ended},
             {"Status": secondary, "StartTime": ended, "EndTime": ended}],
         "Environment": request.get("Environment") or {},
         "EnableNetworkIsolation": False,
@@ -512,10 +629,10 @@ def run_training_job(
                 "CheckpointConfig", "TensorBoardOutputConfig", "ExperimentConfig"):
         if request.get(key) is not None:
             describe[key] = request[key]
-    if profiling:
+    if job.profiling:
         describe["ProfilingStatus"] = "Enabled"
         describe["ProfilerSummary"] = profile  # local extension: the sampled CPU/memory
-    describe["LocalJobDir"] = str(job_dir)  # local extension: where the sandbox and log are
+    describe["LocalJobDir"] = str(box.job_dir)  # local extension: where the sandbox and log are
     return describe
 
 

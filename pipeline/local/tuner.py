@@ -22,6 +22,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ import optuna
 
 from pipeline.errors import UserError
 from pipeline.local.jobs import TUNING_METRIC, JobError, arn, bar, now_iso, read_json, run_training_job, write_json
+from scripts import metrics
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -128,6 +130,50 @@ def run_tuning_job(
     run_job: Callable[..., dict] = run_training_job,
 ) -> dict:
     step_dir = Path(step_dir)
+    search = read_tuning_request(request)
+    study, sampler = make_study(search)
+    record_path = step_dir / "trials.json"
+    done = resume_trials(study, sampler, search, record_path, progress)
+    started = now_iso()
+    t_start = time.monotonic()
+    trials = Trials(name, search, study, done, record_path, store, step_dir, progress, run_job)
+    todo = [i for i in range(1, search.max_jobs + 1) if i not in {t["index"] for t in done}]
+    with ThreadPoolExecutor(max_workers=search.max_parallel) as pool:
+        futures = [pool.submit(trials.run, i) for i in todo]
+        try:
+            for f in futures:
+                f.result()
+        except BaseException:
+            trials.abort.set()
+            for f in futures:
+                f.cancel()
+            raise
+    if trials.cannot_start:
+        raise TuningError(f"{trials.cannot_start[0]}; no further trials were launched")
+
+    return describe_tuning_job(name, request, done, search.metric, search.direction, started,
+                               time.monotonic() - t_start)
+
+
+# The steps of run_tuning_job, in its order.
+
+@dataclass
+class Search:
+    """What a tuning request asks for: the trials' job definition, limits, objective and ranges."""
+    tjd: dict                        # TrainingJobDefinition: every trial's request, before its values
+    max_jobs: int
+    max_parallel: int
+    metric: str
+    direction: str                   # Maximize | Minimize
+    dists: dict[str, optuna.distributions.BaseDistribution]
+    reverse_log: set[str]
+    objective_regex: re.Pattern      # the objective's own MetricDefinitions regex
+    early: bool                      # TrainingJobEarlyStoppingType Auto
+    seed: int
+    strategy: str
+
+
+def read_tuning_request(request: dict) -> Search:
     cfg = request.get("HyperParameterTuningJobConfig")
     tjd = request.get("TrainingJobDefinition") or (request.get("TrainingJobDefinitions") or [None])[0]
     if not cfg or not tjd:
@@ -147,18 +193,26 @@ def run_tuning_job(
     if metric not in defs:
         raise TuningError(f"objective metric {metric!r} has no MetricDefinitions regex "
                           f"(have {sorted(defs)})")
-    early = cfg.get("TrainingJobEarlyStoppingType", "Off") == "Auto"
-    seed = int(cfg.get("RandomSeed", 0))
-    strategy = cfg.get("Strategy", "Bayesian")
-    sampler = optuna.samplers.RandomSampler(seed=seed) if strategy == "Random" else \
-        optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(1, min(10, max_jobs // 2)))
-    pruner = optuna.pruners.MedianPruner(n_startup_trials=max(1, max_parallel), n_warmup_steps=1) if early \
-        else optuna.pruners.NopPruner()
-    study = optuna.create_study(direction=direction.lower(), sampler=sampler, pruner=pruner)
+    return Search(tjd=tjd, max_jobs=max_jobs, max_parallel=max_parallel, metric=metric, direction=direction,
+                  dists=dists, reverse_log=reverse_log, objective_regex=defs[metric],
+                  early=cfg.get("TrainingJobEarlyStoppingType", "Off") == "Auto",
+                  seed=int(cfg.get("RandomSeed", 0)), strategy=cfg.get("Strategy", "Bayesian"))
 
-    record_path = step_dir / "trials.json"
+
+def make_study(search: Search):
+    """Random or Bayesian (TPE) sampling; the median rule prunes when early stopping is Auto."""
+    sampler = optuna.samplers.RandomSampler(seed=search.seed) if search.strategy == "Random" else \
+        optuna.samplers.TPESampler(seed=search.seed, n_startup_trials=max(1, min(10, search.max_jobs // 2)))
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=max(1, search.max_parallel), n_warmup_steps=1) \
+        if search.early else optuna.pruners.NopPruner()
+    return optuna.create_study(direction=search.direction.lower(), sampler=sampler, pruner=pruner), sampler
+
+
+def resume_trials(study, sampler, search: Search, record_path: Path, progress: Callable[[str], None]) -> list[dict]:
+    """The trials an earlier attempt finished (trials.json): they teach the sampler again, nothing re-runs."""
+    dists = search.dists
     done: list[dict] = read_json(record_path, default=[]) or []
-    for t in done:  # resume: the finished trials teach the sampler again, nothing re-runs
+    for t in done:
         params = {k: v for k, v in t["params"].items() if k in dists}
         if len(params) != len(dists) or not all(dists[k]._contains(dists[k].to_internal_repr(v))
                                                  for k, v in params.items()):
@@ -169,35 +223,53 @@ def run_tuning_job(
                                                   state=state))
     if done:
         _replay_draws(sampler, dists, len(done))
-        progress(f"  resuming: {len(done)}/{max_jobs} trials already finished")
+        progress(f"  resuming: {len(done)}/{search.max_jobs} trials already finished")
+    return done
 
-    lock = threading.Lock()
-    abort = threading.Event()  # Ctrl-C / kill: stop running trials, record none of them
-    cannot_start: list[str] = []
-    started = now_iso()
-    t_start = time.monotonic()
-    static = dict(tjd.get("StaticHyperParameters") or {})
-    static[TUNING_METRIC] = json.dumps(metric)
 
-    def trial_name(index: int, params: dict) -> str:
+class Trials:
+    """Runs trials, up to MaxParallelTrainingJobs at once (run() per thread): ask the study,
+    run the training job, tell the study, record the trial in trials.json."""
+
+    def __init__(self, name: str, search: Search, study, done: list[dict], record_path: Path, store,
+                 step_dir: Path, progress: Callable[[str], None], run_job: Callable[..., dict]):
+        self.name, self.search, self.study, self.done = name, search, study, done
+        self.record_path, self.store, self.step_dir = record_path, store, step_dir
+        self.progress, self.run_job = progress, run_job
+        self.lock = threading.Lock()
+        self.abort = threading.Event()  # Ctrl-C / kill: stop running trials, record none of them
+        self.cannot_start: list[str] = []
+        self.static = dict(search.tjd.get("StaticHyperParameters") or {})
+        self.static[TUNING_METRIC] = json.dumps(search.metric)
+
+    def trial_name(self, index: int, params: dict) -> str:
         digest = hashlib.sha1(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:8]
-        return f"{name[:32]}-{index:03d}-{digest}"
+        return f"{self.name[:32]}-{index:03d}-{digest}"
 
-    def one(index: int) -> None:
-        if abort.is_set():
+    def job_request(self, tuned: dict[str, str]) -> dict:
+        """The trial's CreateTrainingJob request: the tuned values over the static ones."""
+        job_request = {**self.search.tjd, "HyperParameters": {**self.static, **tuned}}
+        job_request.pop("StaticHyperParameters", None)
+        job_request.pop("HyperParameterRanges", None)
+        if "HyperParameterTuningResourceConfig" in job_request and "ResourceConfig" not in job_request:
+            job_request["ResourceConfig"] = job_request.pop("HyperParameterTuningResourceConfig")
+        return job_request
+
+    def run(self, index: int) -> None:
+        search, max_jobs, progress = self.search, self.search.max_jobs, self.progress
+        if self.abort.is_set():
             return
-        with lock:
-            trial = study.ask(dists)
+        with self.lock:
+            trial = self.study.ask(search.dists)
         params = dict(trial.params)
-        job = trial_name(index, params)
-        tuned = {k: to_hyperparameter(k, v, reverse_log) for k, v in params.items()}
+        job = self.trial_name(index, params)
+        tuned = {k: to_hyperparameter(k, v, search.reverse_log) for k, v in params.items()}
         shown = " ".join(f"{k}={json.loads(v) if v.startswith(chr(34)) else v}" for k, v in tuned.items())
         progress(f"  trial {index}/{max_jobs} {job} started: {shown}")
         intermediate: list[float] = []
-        epoch_re = re.compile(r"^epoch (\d+)/(\d+)")
 
         def on_line(line: str) -> None:
-            m = defs[metric].search(line)
+            m = search.objective_regex.search(line)
             if m:
                 try:
                     value = float(m.group(1))
@@ -205,79 +277,57 @@ def run_tuning_job(
                     return
                 if math.isfinite(value):
                     intermediate.append(value)
-                    with lock:
+                    with self.lock:
                         trial.report(value, len(intermediate))
-            e = epoch_re.match(line)
-            if e:
-                done, total = int(e.group(1)), int(e.group(2))
-                progress(f"    trial {index}/{max_jobs} epoch {done}/{total} {bar(done, total)} "
-                         f"{line[e.end():].strip()[:90]}")
+            epoch = metrics.epoch_progress(line)
+            if epoch:
+                done, total, rest = epoch
+                progress(f"    trial {index}/{max_jobs} epoch {done}/{total} {bar(done, total)} {rest.strip()[:90]}")
 
         def should_stop() -> bool:
-            if abort.is_set():
+            if self.abort.is_set():
                 return True
-            with lock:
-                return early and len(intermediate) > 0 and trial.should_prune()
+            with self.lock:
+                return search.early and len(intermediate) > 0 and trial.should_prune()
 
-        job_request = {**tjd, "HyperParameters": {**static, **tuned}}
-        job_request.pop("StaticHyperParameters", None)
-        job_request.pop("HyperParameterRanges", None)
-        if "HyperParameterTuningResourceConfig" in job_request and "ResourceConfig" not in job_request:
-            job_request["ResourceConfig"] = job_request.pop("HyperParameterTuningResourceConfig")
         t0 = time.monotonic()
         try:
-            describe = run_job(job, job_request, store, step_dir / "trials" / job,
-                               on_line=on_line, should_stop=should_stop)
+            describe = self.run_job(job, self.job_request(tuned), self.store, self.step_dir / "trials" / job,
+                                    on_line=on_line, should_stop=should_stop)
         except JobError as e:
             # The sandbox could not be set up (a channel or the code missing from the store):
             # every trial shares that request, so launching the others would only repeat it.
-            cannot_start.append(f"trial {index} ({job}) could not start: {e}")
-            abort.set()
+            self.cannot_start.append(f"trial {index} ({job}) could not start: {e}")
+            self.abort.set()
             return
         except Exception as e:  # noqa: BLE001 - a trial that breaks is a failed trial
             describe = {"TrainingJobName": job, "TrainingJobArn": arn("training-job", job),
                         "TrainingJobStatus": "Failed", "FailureReason": f"{type(e).__name__}: {e}",
                         "CreationTime": now_iso(), "TrainingEndTime": now_iso(), "FinalMetricDataList": []}
-        if abort.is_set():
+        if self.abort.is_set():
             return  # interrupted, not finished: a resumed tuning job runs this trial again
         final = {m["MetricName"]: m["Value"] for m in describe.get("FinalMetricDataList", [])}
-        value = final.get(metric)
+        value = final.get(search.metric)
         status = describe["TrainingJobStatus"]
         if status == "Failed" or value is None or not math.isfinite(value):
             value = None
-        with lock:
+        with self.lock:
             if value is not None and status == "Completed":
-                study.tell(trial, value)
+                self.study.tell(trial, value)
             elif value is not None:  # stopped early: its last objective value still counts, as on AWS
-                study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+                self.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
             else:
-                study.tell(trial, state=optuna.trial.TrialState.FAIL)
-            done.append({"index": index, "name": job, "params": params, "hyperparameters": tuned,
-                         "status": status, "objective": value, "failure": describe.get("FailureReason"),
-                         "seconds": round(time.monotonic() - t0, 1), "intermediate": intermediate,
-                         "describe": describe})
-            done.sort(key=lambda t: t["index"])
-            write_json(record_path, done)
+                self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            self.done.append({"index": index, "name": job, "params": params, "hyperparameters": tuned,
+                              "status": status, "objective": value, "failure": describe.get("FailureReason"),
+                              "seconds": round(time.monotonic() - t0, 1), "intermediate": intermediate,
+                              "describe": describe})
+            self.done.sort(key=lambda t: t["index"])
+            write_json(self.record_path, self.done)
         shown_value = "n/a" if value is None else f"{value:.4g}"
-        reason = "  " + describe["FailureReason"][:160] if describe.get("FailureReason") else ""
-        progress(f"  trial {index}/{max_jobs} {job} {status}: {metric}={shown_value} "
-                 f"({time.monotonic() - t0:.0f}s){reason}")
-
-    todo = [i for i in range(1, max_jobs + 1) if i not in {t["index"] for t in done}]
-    with ThreadPoolExecutor(max_workers=max_parallel) as pool:
-        futures = [pool.submit(one, i) for i in todo]
-        try:
-            for f in futures:
-                f.result()
-        except BaseException:
-            abort.set()
-            for f in futures:
-                f.cancel()
-            raise
-    if cannot_start:
-        raise TuningError(f"{cannot_start[0]}; no further trials were launched")
-
-    return describe_tuning_job(name, request, done, metric, direction, started, time.monotonic() - t_start)
+        failure = f"  {describe['FailureReason'][:160]}" if describe.get("FailureReason") else ""
+        progress(f"  trial {index}/{max_jobs} {job} {status}: {search.metric}={shown_value} "
+                 f"({time.monotonic() - t0:.0f}s){failure}")
 
 
 def describe_tuning_job(name: str, request: dict, trials: list[dict], metric: str, direction: str,

@@ -200,11 +200,11 @@ class Endpoint:
 def _place_model(model: Path, model_dir: Path) -> None:
     """The model where the image has it (<base>/model): a model.tar.gz extracted safely, as
     SageMaker extracts ModelDataUrl; a model dir linked (TorchServe reads it in place)."""
-    from pipeline.serve import extract_model
+    from pipeline.archives import extract_tar
     if model.is_dir():
         model_dir.symlink_to(model.resolve(), target_is_directory=True)
     elif model.is_file():
-        extract_model(model, model_dir)
+        extract_tar(model, model_dir)
     else:
         raise FileNotFoundError(f"MODEL {str(model)!r} is neither a model dir nor a model.tar.gz")
 
