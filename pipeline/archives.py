@@ -16,10 +16,12 @@ import zlib
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
+from pipeline.errors import UserError
+
 CHUNK = 1 << 20
 
 
-class ArchiveRefused(ValueError):
+class ArchiveRefused(UserError, ValueError):
     """An archive member that would write outside the target, or is not a plain file/folder."""
 
 
