@@ -14,7 +14,7 @@ import pytest
 from botocore.stub import Stubber
 
 from pipeline import aws
-from tests._aws_helpers import ACCOUNT, REGION, SAGEMAKER_TRUST, aws_env, fake_aws_env, moto_server  # noqa: F401
+from tests._aws_helpers import ACCOUNT, REGION, SAGEMAKER_TRUST, fake_aws_env
 
 ROLE_ARN = f"arn:aws:iam::{ACCOUNT}:role/dogbreed-sagemaker"
 BUCKET = "dogbreed-artifacts"
@@ -384,15 +384,11 @@ def test_cli_execute_wait_with_the_real_definition(account, tmp_path):
         boto3.client("s3").head_object(Bucket=BUCKET, Key=uri[len(f"s3://{BUCKET}/"):])
 
 
-def test_definition_tags_what_cleanup_deletes():
+def test_definition_tags_what_cleanup_deletes(configs, definitions):
     """The contract with pipeline/definition.py: Model, EndpointConfig and Endpoint steps carry
     aws.PIPELINE_TAG = the pipeline name, which --cleanup looks for."""
-    from pipeline.config import load_config
-    from pipeline.definition import build_definition
-    cfg = load_config(ROOT / "pipeline.yaml")
-    definition = json.loads(build_definition(cfg))
-    name = cfg.pipeline.name
-    deploy = _deploy_steps(definition)
+    name = configs["real"].pipeline.name
+    deploy = _deploy_steps(definitions["real"])
     assert {s["Type"] for s in deploy} == {"Model", "EndpointConfig", "Endpoint"}
     for step in deploy:
         tags = {t["Key"]: t["Value"] for t in step["Arguments"].get("Tags", [])}

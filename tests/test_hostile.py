@@ -194,7 +194,9 @@ def test_good_static_hyperparameters_still_pass():
     for name, value in (("lr", 0.01), ("epochs", 2), ("batch-size", "16")):
         del doc["tuning"]["ranges"][name]
         doc["training"]["hyperparameters"][name] = value
-    parse_config(doc, source="ok.yaml")
+    cfg = parse_config(doc, source="ok.yaml")
+    assert {k: cfg.training.hyperparameters[k] for k in ("lr", "epochs", "batch-size")} == \
+        {"lr": 0.01, "epochs": 2, "batch-size": "16"}
 
 
 # ---------------------------------------------------------------- 2, 4, 14: what a request may cost to decode
