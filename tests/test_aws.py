@@ -364,6 +364,7 @@ def _deploy_steps(definition: dict) -> list[dict]:
     return steps
 
 
+@pytest.mark.slow
 def test_cli_execute_wait_with_the_real_definition(account, tmp_path):
     import run_pipeline
     out_json = tmp_path / "definition.json"

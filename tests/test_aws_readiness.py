@@ -186,6 +186,7 @@ def test_data_that_cannot_be_listed_is_refused_not_warned(monkeypatch):
 
 # ---------------------------------------------------------------- item 9: images
 
+@pytest.mark.slow
 def test_explicit_images_are_used_as_given_and_defaults_are_the_newest_the_sdk_knows():
     from pipeline.images import sdk_image_versions
     cfg = load_config(ROOT / "pipeline.yaml")

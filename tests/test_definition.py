@@ -364,6 +364,7 @@ runpy.run_path("run_pipeline.py", run_name="__main__")
 """
 
 
+@pytest.mark.slow
 def test_two_processes_build_identical_bytes_offline(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "SAGEMAKER_"))}
     env.update(HOME=str(tmp_path), OMP_NUM_THREADS="1", AWS_CONFIG_FILE=str(tmp_path / "none"),

@@ -342,6 +342,7 @@ def endpoint(tmp_path_factory):
         assert ep.stop() == 0, ep.log_tail()
 
 
+@pytest.mark.slow
 def test_four_decode_bombs_leave_the_endpoint_answering(endpoint):
     from concurrent.futures import ThreadPoolExecutor
     from tests._serve_helpers import image_bytes, ping, post
@@ -372,6 +373,7 @@ def _read_all(sock) -> bytes:
     return b"".join(chunks)
 
 
+@pytest.mark.slow
 def test_connections_that_send_nothing_are_closed(endpoint):
     from tests._serve_helpers import ping
     idle = [_connect(endpoint.url) for _ in range(20)]
@@ -384,6 +386,7 @@ def test_connections_that_send_nothing_are_closed(endpoint):
             sock.close()
 
 
+@pytest.mark.slow
 def test_request_headers_that_trickle_in_are_answered_408_and_closed(endpoint):
     import time
     sock = _connect(endpoint.url)
@@ -401,6 +404,7 @@ def test_request_headers_that_trickle_in_are_answered_408_and_closed(endpoint):
     assert reply.startswith(b"HTTP/1.1 408") and b"--header-timeout-s" in reply
 
 
+@pytest.mark.slow
 def test_decoded_images_held_by_the_server_are_bounded(endpoint):
     """A request holding ~1.9 MB of decoded images sits in predict_fn; with --max-queued-mb 2 the
     next one that would go over is answered 503 at once, and is served once memory is free."""
@@ -471,6 +475,7 @@ def _endpoint_definition(model_uri: str) -> dict:
     ]}
 
 
+@pytest.mark.slow
 def test_a_run_killed_during_the_endpoint_step_leaves_no_server_behind(tmp_path):
     import signal
     import time
@@ -654,6 +659,7 @@ ENTRY_POINTS = {
 
 
 @pytest.mark.parametrize("name", list(ENTRY_POINTS))
+@pytest.mark.slow
 def test_every_entry_point_answers_bad_input_with_one_line_and_exit_1(tmp_path, name):
     import io
     import tarfile
@@ -724,12 +730,14 @@ def _assert_refused(proc, failure: str | None, model_dir: Path, *words: str | tu
 
 
 @pytest.mark.parametrize("lr", ["inf", "1e30", "nan"])
+@pytest.mark.slow
 def test_training_that_diverges_fails_and_writes_no_model(tmp_path, lr):
     proc, failure, model_dir = _train(tmp_path, "train_model.py", {"lr": lr})
     _assert_refused(proc, failure, model_dir, ("lr", "non-finite", "nan", "inf", "diverg"))
 
 
 @pytest.mark.parametrize("where", ["train/001.Breed_0/img0.jpg", "test/002.Breed_1/img1.jpg"])
+@pytest.mark.slow
 def test_one_corrupt_image_is_one_line_naming_the_file(tmp_path, where):
     proc, failure, model_dir = _train(tmp_path, "train_model.py", {}, corrupt=where)
     _assert_refused(proc, failure, model_dir, Path(where).name)
@@ -739,12 +747,14 @@ def test_one_corrupt_image_is_one_line_naming_the_file(tmp_path, where):
     ("hpo.py", {"batch-size": "abc"}, "batch-size"),
     ("train_model.py", {"epochs": "-1"}, "epochs"),
 ])
+@pytest.mark.slow
 def test_bad_hyperparameters_exit_1_with_a_failure_file(tmp_path, script, changes, word):
     proc, failure, model_dir = _train(tmp_path, script, changes)
     _assert_refused(proc, failure, model_dir, word)
     assert "usage:" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_an_empty_checkpoint_is_one_warning_naming_it_and_the_job_starts_fresh(tmp_path):
     """A spot restart that finds an empty checkpoint (the instance died mid-write on a filesystem
     without atomic rename) moves it aside and trains from epoch 1: one warning line naming the
@@ -758,6 +768,7 @@ def test_an_empty_checkpoint_is_one_warning_naming_it_and_the_job_starts_fresh(t
     assert (checkpoints / "checkpoint.pt.corrupt").stat().st_size == 0
 
 
+@pytest.mark.slow
 def test_memory_goes_back_after_a_burst_of_large_images(endpoint):
     """16 clients sending 23 MP PNGs (92 MB decoded each, each under the per-request bounds):
     once they are answered (200 or 503), the server's memory returns to about where it was
@@ -802,6 +813,7 @@ def test_a_json_batch_of_four_12_mp_photos_still_fits_the_pixel_budget(handlers)
 
 # ---------------------------------------------------------------- 2, 4, 14 inside the SageMaker container's toolkit
 
+@pytest.mark.slow
 def test_the_decode_guards_answer_4xx_through_the_inference_toolkit(tmp_path):
     """The same refusals reach SageMaker: the real sagemaker-inference Transformer (what the PyTorch
     serving container runs per request) turns them into the same 4xx, before any decoding."""
@@ -852,6 +864,7 @@ def test_the_decode_guards_answer_4xx_through_the_inference_toolkit(tmp_path):
         sys.modules.update(saved)
 
 
+@pytest.mark.slow
 def test_a_model_that_cannot_load_ends_the_server_log_with_one_error_line(tmp_path):
     from tests._serve_helpers import make_model_dir
     model_dir = make_model_dir(tmp_path / "model")

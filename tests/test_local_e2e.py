@@ -17,6 +17,8 @@ import yaml
 
 from pipeline.local.jobs import read_json
 
+pytestmark = pytest.mark.slow  # see pyproject's markers
+
 REPO = Path(__file__).resolve().parents[1]
 
 
