@@ -374,6 +374,10 @@ def test_an_empty_checkpoint_on_restart_warns_and_trains_from_epoch_1(dataset, t
     ckpt = os.path.join(env["SM_CHECKPOINT_DIR"], "checkpoint.pt")
     open(ckpt, "wb").close()  # a spot kill mid-upload
     proc = run_script("hpo.py", hyperparameter_args(HP), env)
+    # one warning line naming the file, why and where it went; no traceback
+    assert "Traceback" not in proc.stdout, proc.stdout[-3000:]
+    warnings = [line for line in proc.stdout.splitlines() if "checkpoint.pt cannot be loaded" in line]
+    assert len(warnings) == 1 and "checkpoint.pt.corrupt" in warnings[0], proc.stdout[-3000:]
     assert "checkpoint.pt cannot be loaded (EOFError: an empty or truncated file (0 bytes))" in proc.stdout
     assert "epoch 1/2 " in proc.stdout and "resuming" not in proc.stdout
     assert os.path.getsize(ckpt + ".corrupt") == 0
