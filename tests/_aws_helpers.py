@@ -1,21 +1,20 @@
-"""A moto server on 127.0.0.1 for tests that talk to "AWS" over real HTTP.
+"""A moto server on 127.0.0.1 for tests that talk to "AWS" over real HTTP, and fake credentials.
 
-    from tests._aws_helpers import moto_server, aws_env  # noqa: F401  (pytest fixtures)
+The fixtures are in tests/conftest.py:
 
     def test_x(aws_env):            # env points boto3 at a fresh (reset) moto server
         boto3.client("s3").create_bucket(Bucket="b")
 
-`moto_server` (module scope) starts moto's ThreadedMotoServer on a free loopback port
-(in a child process) and yields its URL; `aws_env` resets moto's state and sets AWS_ENDPOINT_URL, fake
-credentials and the region for one test, with no shared config/credentials files read.
+`moto_server` (session scope) starts moto's ThreadedMotoServer on a free loopback port
+(in a child process, `start_moto`) and yields its URL; `aws_env` resets moto's state (`reset_moto`) and
+sets AWS_ENDPOINT_URL, fake credentials and the region for one test (`fake_aws_env`), with no shared
+config/credentials files read.
 """
 from __future__ import annotations
 
 import subprocess
 import sys
 import urllib.request
-
-import pytest
 
 REGION = "us-east-1"
 ACCOUNT = "123456789012"  # moto's default account
@@ -83,16 +82,3 @@ def fake_aws_env(monkeypatch, endpoint: str | None, region: str = REGION, tmp_pa
     else:
         monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
 
-
-@pytest.fixture(scope="module")
-def moto_server():
-    server, url = start_moto()
-    yield url
-    server.stop()
-
-
-@pytest.fixture
-def aws_env(moto_server, monkeypatch):
-    reset_moto(moto_server)
-    fake_aws_env(monkeypatch, moto_server)
-    return moto_server

@@ -15,7 +15,7 @@ from botocore.stub import Stubber
 
 import run_pipeline
 from pipeline import aws
-from tests._aws_helpers import ACCOUNT, REGION, SAGEMAKER_TRUST, aws_env, fake_aws_env, moto_server  # noqa: F401
+from tests._aws_helpers import ACCOUNT, REGION, SAGEMAKER_TRUST, fake_aws_env
 
 ROLE_ARN = f"arn:aws:iam::{ACCOUNT}:role/dogbreed-sagemaker"
 BUCKET = "dogbreed-artifacts"
@@ -374,6 +374,7 @@ def _deploy_steps(definition: dict) -> list[dict]:
     return [step for step in all_steps(definition) if step["Type"] in ("Model", "EndpointConfig", "Endpoint")]
 
 
+@pytest.mark.slow
 def test_cli_execute_wait_with_the_real_definition(account, tmp_path):
     out_json = tmp_path / "definition.json"
     rc = run_pipeline.main(["--config", str(ROOT / "pipeline.yaml"), "--region", REGION, "--role", ROLE_ARN,
@@ -393,6 +394,7 @@ def test_cli_execute_wait_with_the_real_definition(account, tmp_path):
         boto3.client("s3").head_object(Bucket=BUCKET, Key=uri[len(f"s3://{BUCKET}/"):])
 
 
+@pytest.mark.slow
 def test_cli_execute_runs_a_definition_file_as_it_is(account, tmp_path):
     """--definition-file goes to AWS as it is (an edited default included), with the code it names."""
     common = ["--config", str(ROOT / "pipeline.yaml"), "--region", REGION, "--role", ROLE_ARN, "--bucket", BUCKET]
@@ -424,15 +426,11 @@ def test_cli_execute_refuses_a_definition_file_that_is_not_json(account, tmp_pat
     assert _no_pipeline_created(account)
 
 
-def test_definition_tags_what_cleanup_deletes():
+def test_definition_tags_what_cleanup_deletes(configs, definitions):
     """The contract with pipeline/definition.py: Model, EndpointConfig and Endpoint steps carry
     aws.PIPELINE_TAG = the pipeline name, which --cleanup looks for."""
-    from pipeline.config import load_config
-    from pipeline.definition import build_definition
-    cfg = load_config(ROOT / "pipeline.yaml")
-    definition = json.loads(build_definition(cfg))
-    name = cfg.pipeline.name
-    deploy = _deploy_steps(definition)
+    name = configs["real"].pipeline.name
+    deploy = _deploy_steps(definitions["real"])
     assert {s["Type"] for s in deploy} == {"Model", "EndpointConfig", "Endpoint"}
     for step in deploy:
         tags = {t["Key"]: t["Value"] for t in step["Arguments"].get("Tags", [])}

@@ -21,7 +21,7 @@ import run_pipeline
 from pipeline import aws, preflight
 from pipeline.config import load_config, parse_config
 from pipeline.debugger_plan import RunSize, needs, plan, plan_for_config, run_size, saved_points
-from tests._aws_helpers import ACCOUNT, REGION, SAGEMAKER_TRUST, aws_env, fake_aws_env, moto_server  # noqa: F401
+from tests._aws_helpers import ACCOUNT, REGION, SAGEMAKER_TRUST, fake_aws_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,11 +50,10 @@ def test_debugger_disabled_turns_off_hook_rules_and_profiler():
     assert len(on["rules"]) == 5 and on["debugger_hook_config"] and "profiler_config" in on
 
 
-def test_debugger_disabled_request_has_no_hook_rules_and_disables_the_profiler():
-    from pipeline.definition import build
-    doc = _doc()
-    doc["debugger"]["enabled"] = False
-    definition = json.loads(build(parse_config(doc, source="no-debugger")).definition)
+def test_debugger_disabled_request_has_no_hook_rules_and_disables_the_profiler(configs, definitions):
+    # "bare" (tests/conftest.py) is pipeline.yaml with debugger.enabled false, spot and cache off
+    assert configs["bare"].debugger.enabled is False and configs["bare"].profiler.enabled is True
+    definition = definitions["bare"]
     train = next(s for s in definition["Steps"] if s["Name"] == "TrainModel")["Arguments"]
     for key in ("DebugHookConfig", "DebugRuleConfigurations", "ProfilerRuleConfigurations"):
         assert key not in train
@@ -190,6 +189,7 @@ def test_data_that_cannot_be_listed_is_refused_not_warned(monkeypatch):
 
 # ---------------------------------------------------------------- item 9: images
 
+@pytest.mark.slow
 def test_explicit_images_are_used_as_given_and_defaults_are_the_newest_the_sdk_knows():
     from pipeline.images import sdk_image_versions
     cfg = load_config(ROOT / "pipeline.yaml")

@@ -19,7 +19,6 @@ from pipeline.config import load_config
 from pipeline.errors import SetupError
 from pipeline.local.store import LocalStore
 from pipeline.sample_data import DOG_CLASS_DIRS, generate_dataset
-from tests._aws_helpers import aws_env, moto_server  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
 

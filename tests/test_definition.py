@@ -14,10 +14,8 @@ import tarfile
 from pathlib import Path
 
 import pytest
-import yaml
 
-from pipeline.config import load_config, parse_config
-from pipeline.definition import TUNING_EXCLUDES, Build, build, build_definition, code_uri, source_tarball
+from pipeline.definition import TUNING_EXCLUDES, code_uri, source_tarball
 from pipeline.graph import draw_dag
 from pipeline.local.dag import Dag, all_steps
 from pipeline.params import check_overrides
@@ -47,42 +45,6 @@ EXPRESSIONS = ("Get", "Std:Join", "Std:JsonGet")
 def _no_env_overrides(monkeypatch):
     for var in ("AWS_REGION", "SAGEMAKER_ROLE_ARN", "SAGEMAKER_BUCKET"):
         monkeypatch.delenv(var, raising=False)
-
-
-def _bare_config():
-    """Debugger, profiler, spot and cache off: the account-without-Debugger variant."""
-    doc = yaml.safe_load((ROOT / "pipeline.yaml").read_text())
-    doc["debugger"]["enabled"] = False
-    doc["profiler"]["enabled"] = False
-    doc["training"]["spot"]["enabled"] = doc["tuning"]["spot"]["enabled"] = False
-    doc["cache"]["enabled"] = False
-    doc["training"]["instance"]["type"] = doc["tuning"]["instance"]["type"] = "ml.m5.xlarge"
-    return parse_config(doc, source="bare")
-
-
-@pytest.fixture(scope="module")
-def configs():
-    return {"real": load_config(ROOT / "pipeline.yaml"), "smoke": load_config(ROOT / "pipeline.smoke.yaml"),
-            "bare": _bare_config()}
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    from pipeline.local.store import LocalStore
-    return LocalStore(tmp_path_factory.mktemp("s3"))
-
-
-@pytest.fixture(scope="module")
-def built(configs, store):
-    out = {name: build(cfg) for name, cfg in configs.items() if name != "smoke"}
-    # The smoke profile goes through build_definition with a local object store, as local runs do.
-    out["smoke"] = Build(definition=build_definition(configs["smoke"], object_store=store))
-    return out
-
-
-@pytest.fixture(scope="module")
-def definitions(built):
-    return {name: json.loads(b.definition) for name, b in built.items()}
 
 
 @pytest.fixture(scope="module")
@@ -296,10 +258,9 @@ def test_images_follow_config_instance_types(definitions):
     assert "-cpu-" in bare["TrainModel"]["Arguments"]["AlgorithmSpecification"]["TrainingImage"]
 
 
-def test_bare_variant_has_no_debugger_profiler_spot(definitions):
+def test_bare_variant_has_no_spot_and_no_cache(definitions):
+    # its Debugger and profiler: tests/test_aws_readiness.py::test_debugger_disabled_request_has_no_hook_rules_...
     train = _steps(definitions["bare"])["TrainModel"]["Arguments"]
-    assert "DebugRuleConfigurations" not in train and "DebugHookConfig" not in train
-    assert train["ProfilerConfig"] == {"DisableProfiler": True}
     assert "EnableManagedSpotTraining" not in train and "CheckpointConfig" not in train
     assert _steps(definitions["bare"])["TrainModel"]["CacheConfig"]["Enabled"] is False
 
@@ -330,7 +291,7 @@ def test_gate_endpoint_and_fail(definitions):
     assert metric in message and {"Get": "Parameters.AccuracyThreshold"} in message
 
 
-def test_object_store_gets_the_code_where_the_definition_says(built, configs, store):
+def test_object_store_gets_the_code_where_the_definition_says(built, configs, smoke_store):
     """Training gets scripts/; tuning trials the same files without requirements.txt (they install nothing)."""
     steps = _steps(json.loads(built["smoke"].definition))
     tune = steps["TuneHyperparameters"]["Arguments"]["TrainingJobDefinition"]["StaticHyperParameters"]
@@ -344,7 +305,7 @@ def test_object_store_gets_the_code_where_the_definition_says(built, configs, st
             (train, source_tarball(), expected)):
         uri = hyperparameters["sagemaker_submit_directory"].strip('"')
         assert uri == code_uri(configs["smoke"], tarball)
-        with tarfile.open(fileobj=io.BytesIO(store.path(uri).read_bytes())) as tar:
+        with tarfile.open(fileobj=io.BytesIO(smoke_store.path(uri).read_bytes())) as tar:
             assert sorted(tar.getnames()) == names
             assert all(m.mtime == 0 and m.uid == 0 for m in tar.getmembers())
 
@@ -404,6 +365,7 @@ runpy.run_path("run_pipeline.py", run_name="__main__")
 """
 
 
+@pytest.mark.slow
 def test_two_processes_build_identical_bytes_offline(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "SAGEMAKER_"))}
     env.update(HOME=str(tmp_path), OMP_NUM_THREADS="1", AWS_CONFIG_FILE=str(tmp_path / "none"),

@@ -183,6 +183,7 @@ def test_without_onnxruntime_the_export_is_left_out_and_a_stale_file_removed(scr
     assert export.export_after_training(model_dir, test_images, train_lib.load_image) is None
 
 
+@pytest.mark.slow
 def test_sagemakers_serving_stack_serves_the_onnx_model(exported, tmp_path, monkeypatch):
     """The archive as train_model.py writes it, under the real sagemaker-pytorch-inference +
     TorchServe stack with the Model step's Environment: code/requirements.txt is installed,

@@ -22,6 +22,8 @@ from tests._runtime_helpers import require_toolkits
 from tests._serve_helpers import b64_batch, image_bytes, make_model_dir, make_tarball, png_header_only
 from tests.test_serve import BAD_REQUESTS, IMAGES
 
+pytestmark = pytest.mark.slow  # see pyproject's markers
+
 ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 SIX_MB = 6 * 1024 * 1024
 

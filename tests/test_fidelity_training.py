@@ -28,6 +28,8 @@ from steps.train import TRAINING_ENVIRONMENT
 from tests._local_helpers import CODE_URI, TOY_TRAIN, put_toy_code_and_data, toy_definition
 from tests._runtime_helpers import require_toolkits
 
+pytestmark = pytest.mark.slow  # see pyproject's markers
+
 # ---------------------------------------------------------------- the contract, job by job
 
 # Prepended to the toy entry point: what the job was given, next to its sandbox.

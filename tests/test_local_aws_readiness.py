@@ -44,6 +44,7 @@ def _spot_toy(checkpoint: dict, extra_hps: dict | None = None) -> dict:
     return d
 
 
+@pytest.mark.slow
 def test_second_execution_serves_the_spot_training_step_from_the_cache(store, tmp_path):
     d = _spot_toy(_built_checkpoint_config())
     first = execute(d, store=store, run_dir=tmp_path / "run", pipeline_name="toy", report=False)

@@ -17,6 +17,8 @@ import yaml
 
 from pipeline.local.jobs import read_json
 
+pytestmark = pytest.mark.slow  # see pyproject's markers
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -86,7 +88,9 @@ def test_whole_dag_runs_and_the_endpoint_answers_over_http(run):
     with urllib.request.urlopen(req, timeout=60) as reply:
         assert reply.status == 200
         answer = json.loads(reply.read())
-    assert answer
+    probabilities = answer["probabilities"]  # one per class of the tiny config (3), summing to 1
+    assert len(probabilities) == 3 and abs(sum(probabilities) - 1) < 1e-4, answer
+    assert answer["top"][0]["probability"] == max(probabilities) and answer["top"][0]["label"], answer
     # the training job's validated model.onnx is what the local endpoint serves (the fast path)
     endpoint_logs = [p.read_text(errors="replace") for p in (run["tmp"] / "run").rglob("endpoint.log")]
     assert any("model.onnx with ONNX Runtime" in text for text in endpoint_logs), endpoint_logs

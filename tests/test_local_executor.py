@@ -133,6 +133,7 @@ def test_edited_definition_is_honoured(store, tmp_path):
 
 
 @pytest.mark.parametrize("sig, parallel, status", [(signal.SIGKILL, 1, "Executing"), (signal.SIGINT, 2, "Stopped")])
+@pytest.mark.slow
 def test_resume_after_kill_redoes_no_finished_trial(store, tmp_path, sig, parallel, status):
     d = toy_definition(max_jobs=3, parallel=parallel, sleep=0.4, cache=False)
     (tmp_path / "def.json").write_text(json.dumps(d))

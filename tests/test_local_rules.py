@@ -86,11 +86,13 @@ def poor_init_tensors(tmp_path_factory):
     ("poor_init_tensors", "PoorWeightInitialization", {"threshold": "1000"}, "IssuesFound"),  # loss stalls
     ("poor_init_tensors", "PoorWeightInitialization", {"threshold": "1000", "steps": "5.0"}, "NoIssuesFound"),
 ])
+@pytest.mark.slow
 def test_rule_statuses_follow_the_data_and_rule_parameters(request, run, rule, params, status):
     got, details = evaluate_rule(rule, params, request.getfixturevalue(run))
     assert got == status, details
 
 
+@pytest.mark.slow
 def test_details_say_which_check_fired(tensors, poor_init_tensors):
     status, details = evaluate_rule("PoorWeightInitialization", {}, poor_init_tensors)
     assert status == "IssuesFound" and "fc1_relu_input_0" in details and "fc2_relu_input_0" in details
@@ -106,6 +108,7 @@ def test_details_say_which_check_fired(tensors, poor_init_tensors):
     assert status == "Error" and "activation_inputs_regex '.*tanh_input'" in details
 
 
+@pytest.mark.slow
 def test_statuses_in_describe_training_job_shape(tensors, tmp_path):
     configs = [{"RuleConfigurationName": "LossNotDecreasing",
                 "RuleParameters": {"rule_to_invoke": "LossNotDecreasing", "num_steps": "2", "mode": "TRAIN"}},
@@ -135,6 +138,7 @@ def test_every_rule_pipeline_yaml_enables_runs_locally():
             assert set(rule.parameters) <= set(RULES[invoked].defaults), f"{path}: {rule.name} parameters"
 
 
+@pytest.mark.slow
 def test_golden_definition_hook_and_rules_on_a_real_training_job(tmp_path):
     """pipeline.yaml's DebugHookConfig (train.save_interval 2, as the debugger plan writes it)
     as SageMaker hands it to scripts/train_model.py, then every one of its rules: a status

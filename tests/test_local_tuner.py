@@ -40,6 +40,7 @@ def test_bad_ranges_say_what_is_wrong(ranges, words):
         distributions(ranges)
 
 
+@pytest.mark.slow
 def test_early_stopping_stops_trials_behind_the_median(tmp_path):
     store = LocalStore(tmp_path / "store")
     put_toy_code_and_data(store)

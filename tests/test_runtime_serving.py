@@ -12,6 +12,8 @@ from pipeline.runtime import serving, toolkits
 from tests._runtime_helpers import require_toolkits
 from tests._serve_helpers import LABELS, ROOT, image_bytes, make_model_dir, make_tarball, ping, post
 
+pytestmark = pytest.mark.slow  # see pyproject's markers
+
 ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 # inference.py with a predict_fn that crashes on 13x13 images, wrapped as inference.py wraps its own.

@@ -101,6 +101,7 @@ def testing_endpoint(model_dir, tmp_path_factory):
         ep.stop()
 
 
+@pytest.mark.slow
 def test_ping_says_503_until_model_fn_has_returned(testing_endpoint):
     assert testing_endpoint.first_ping == 503
     assert ping(testing_endpoint.url) == 200
@@ -131,6 +132,7 @@ def _probs(answer):
     return torch.tensor(answer["probabilities"])
 
 
+@pytest.mark.slow
 def test_round_trips_jpeg_png_and_json_batch(endpoint, reference):
     assert ping(endpoint.url) == 200
     png = image_bytes("PNG", colour=(10, 220, 30))
@@ -161,6 +163,7 @@ BAD_REQUESTS = [
 ]
 
 
+@pytest.mark.slow
 def test_bad_requests_get_their_4xx_and_the_server_stays_healthy(endpoint):
     for body, ctype, accept, status, word in BAD_REQUESTS + [(png_header_only(9000, 9000), "image/png", None, 413,
                                                               "INFERENCE_MAX_PIXELS")]:
@@ -174,6 +177,7 @@ def test_bad_requests_get_their_4xx_and_the_server_stays_healthy(endpoint):
     assert err.value.code == 404 and "POST /invocations" in json.loads(err.value.read())["error"]
 
 
+@pytest.mark.slow
 def test_concurrent_clients_are_batched_and_answer_as_unbatched(testing_endpoint, reference):
     expected = [_probs(reference(body)) for body in IMAGES]
     start = threading.Barrier(8)
@@ -197,6 +201,7 @@ def test_concurrent_clients_are_batched_and_answer_as_unbatched(testing_endpoint
     assert any(f"batch={n}" in log for n in range(2, 9))
 
 
+@pytest.mark.slow
 def test_handler_crash_is_a_500_without_internals_and_the_server_goes_on(testing_endpoint):
     status, answer, _ = post(testing_endpoint.url, image_bytes("PNG", size=(13, 13)), "image/png")
     assert status == 500 and "RuntimeError" in answer["error"]
@@ -206,6 +211,7 @@ def test_handler_crash_is_a_500_without_internals_and_the_server_goes_on(testing
     assert post(testing_endpoint.url, IMAGES[1], "image/jpeg")[0] == 200
 
 
+@pytest.mark.slow
 def test_a_request_past_the_timeout_gets_504_and_the_server_recovers(testing_endpoint):
     status, answer, _ = post(testing_endpoint.url, image_bytes("PNG", size=(17, 17)), "image/png")
     assert status == 504 and "3 s" in answer["error"]
@@ -217,6 +223,7 @@ def test_a_request_past_the_timeout_gets_504_and_the_server_recovers(testing_end
         pytest.fail("the endpoint did not recover after a timeout")
 
 
+@pytest.mark.slow
 def test_bounded_load_ends_with_zero_errors_and_one_log_line_per_request(endpoint):
     before = endpoint.log_path.read_text().count('"POST /invocations"')
     bodies = [(IMAGES[i % 4], "image/jpeg") for i in range(4)] + [(b64_batch(IMAGES[0], IMAGES[2]), "application/json")]
@@ -237,6 +244,7 @@ def test_bounded_load_ends_with_zero_errors_and_one_log_line_per_request(endpoin
     assert all(re.search(r'"POST /invocations" 200 [\d.]+ms batch=[1-8]$', line) for line in lines[before:])
 
 
+@pytest.mark.slow
 def test_cli_serve_takes_sagemaker_program_and_stops_gracefully_on_sigterm(model_dir, tmp_path):
     port = free_port()
     log = tmp_path / "serve.log"
@@ -313,6 +321,7 @@ def test_missing_program_is_named(model_dir):
         serve_mod.Handlers(model_dir, "nope.py")
 
 
+@pytest.mark.slow
 def test_a_model_fn_failure_stops_the_server_with_the_reason_logged(tmp_path):
     model_dir = make_model_dir(tmp_path / "model")
     (model_dir / "model.pth").write_bytes(b"not a state dict")
@@ -340,6 +349,7 @@ def image_files(tmp_path):
     return tmp_path
 
 
+@pytest.mark.slow
 def test_invoke_a_local_url_prints_a_top5_table(endpoint, image_files, capsys):
     assert invoke_mod.invoke(endpoint.url, [str(image_files / "dog.jpg"), str(image_files / "dog.png")]) == 0
     out = capsys.readouterr().out
@@ -347,6 +357,7 @@ def test_invoke_a_local_url_prints_a_top5_table(endpoint, image_files, capsys):
     assert out.count("%") == 10 and sum(label in out for label in LABELS) == 5
 
 
+@pytest.mark.slow
 def test_invoke_reports_refusals_and_missing_files(endpoint, image_files, capsys):
     assert invoke_mod.invoke(endpoint.url + "/invocations", [str(image_files / "notes.txt")]) == 1
     assert "answered 400" in capsys.readouterr().err
@@ -356,6 +367,7 @@ def test_invoke_reports_refusals_and_missing_files(endpoint, image_files, capsys
     assert "cannot reach" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_cli_invoke_json(endpoint, image_files):
     proc = subprocess.run([sys.executable, "run_pipeline.py", "--invoke", endpoint.url, str(image_files / "dog.jpg"),
                            "--json"], cwd=ROOT, capture_output=True, text=True, timeout=120, env={**os.environ, **ENV})
@@ -408,6 +420,7 @@ def stubbed_runtime(monkeypatch):
         stubber.assert_no_pending_responses()
 
 
+@pytest.mark.slow
 def test_invoke_a_sagemaker_endpoint_by_name(moto_sagemaker, stubbed_runtime, endpoint, image_files, capsys):
     import io
 
@@ -429,6 +442,7 @@ def test_invoke_a_sagemaker_endpoint_by_name(moto_sagemaker, stubbed_runtime, en
     assert "ModelError: image is empty" in captured.err
 
 
+@pytest.mark.slow
 def test_invoke_names_a_missing_or_not_inservice_endpoint(moto_sagemaker, image_files, capsys):
     with pytest.raises(invoke_mod.InvokeError, match="'no-such-endpoint' does not exist in us-east-1"):
         invoke_mod.invoke("no-such-endpoint", [str(image_files / "dog.jpg")])

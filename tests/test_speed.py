@@ -140,6 +140,7 @@ def test_cpu_threads_leave_the_workers_their_cores(monkeypatch):
     assert train_lib.default_num_workers("cpu") >= 1
 
 
+@pytest.mark.slow
 def test_benchmark_runs_and_writes_its_figures(tmp_path):
     """bench/train_throughput.py end to end on a handful of images (figures not checked: no timing)."""
     bench = Path(__file__).resolve().parents[1] / "bench" / "train_throughput.py"

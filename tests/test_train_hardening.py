@@ -162,6 +162,7 @@ class OutOfMemoryAbove(nn.Module):
         return self.model(x)
 
 
+@pytest.mark.slow
 def test_cuda_out_of_memory_halves_the_micro_batch_and_redoes_the_step(train_lib, capsys):
     images, targets = _batch()
     inner = _resnet().eval()
@@ -227,6 +228,7 @@ def test_train_model_flags_are_checked_too(train_lib):
 
 
 @pytest.mark.parametrize("script", ["hpo.py", "train_model.py"])
+@pytest.mark.slow
 def test_a_bad_hyperparameter_exits_1_with_the_failure_file_not_argparse_2(script, dataset, tmp_path):
     args = {**HP, "lr": "1e400"}  # what a tuner or a typo can send: inf
     env = sagemaker_env(tmp_path, channels(dataset), args)
@@ -239,6 +241,7 @@ def test_a_bad_hyperparameter_exits_1_with_the_failure_file_not_argparse_2(scrip
 
 # ----------------------------------------------------------------------------- divergence
 
+@pytest.mark.slow
 def test_a_diverging_run_fails_with_the_reason_and_writes_no_model(dataset, tmp_path):
     args = {**HP, "lr": 1e30, "epochs": 3}
     env = sagemaker_env(tmp_path, channels(dataset), args)
@@ -312,6 +315,7 @@ def test_an_image_that_fails_in_the_loader_is_one_line_naming_it(train_lib, tmp_
     assert "Traceback" not in line
 
 
+@pytest.mark.slow
 def test_a_corrupt_test_image_stops_the_job_before_training(dataset, tmp_path):
     root = tmp_path / "copy"
     import shutil
@@ -364,11 +368,16 @@ def test_a_checkpoint_of_another_job_is_still_refused(train_lib, tmp_path):
     assert path.exists()  # not ours to move
 
 
+@pytest.mark.slow
 def test_an_empty_checkpoint_on_restart_warns_and_trains_from_epoch_1(dataset, tmp_path):
     env = sagemaker_env(tmp_path, channels(dataset), HP)
     ckpt = os.path.join(env["SM_CHECKPOINT_DIR"], "checkpoint.pt")
     open(ckpt, "wb").close()  # a spot kill mid-upload
     proc = run_script("hpo.py", hyperparameter_args(HP), env)
+    # one warning line naming the file, why and where it went; no traceback
+    assert "Traceback" not in proc.stdout, proc.stdout[-3000:]
+    warnings = [line for line in proc.stdout.splitlines() if "checkpoint.pt cannot be loaded" in line]
+    assert len(warnings) == 1 and "checkpoint.pt.corrupt" in warnings[0], proc.stdout[-3000:]
     assert "checkpoint.pt cannot be loaded (EOFError: an empty or truncated file (0 bytes))" in proc.stdout
     assert "epoch 1/2 " in proc.stdout and "resuming" not in proc.stdout
     assert os.path.getsize(ckpt + ".corrupt") == 0

@@ -16,6 +16,8 @@ from pipeline.sample_data import generate_dataset
 from scripts import metrics, modeling
 from tests._scripts_helpers import SCRIPTS, hyperparameter_args, run_script, sagemaker_env
 
+pytestmark = pytest.mark.slow  # see pyproject's markers
+
 NUM_CLASSES = 4
 # Small and fast, yet it learns the sample data well past chance in 5 epochs.
 # Random init: no head-only warm-up, and no early stopping on the noisy first epochs.
