@@ -5,12 +5,14 @@ Plain helpers (no fixtures) live in tests/_*_helpers.py and are imported as usua
 """
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from tests._aws_helpers import fake_aws_env, reset_moto, start_moto  # no boto3 import: env below comes first
+from tests._scripts_helpers import SCRIPTS
 
 # Set before any test imports torch, sagemaker or boto3.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -91,3 +93,14 @@ def built(configs, smoke_store):
 def definitions(built):
     """The built definitions as dicts (read-only: json.loads a Build's text for a copy to edit)."""
     return {name: json.loads(b.definition) for name, b in built.items()}
+
+
+@pytest.fixture(scope="module")
+def train_lib():
+    """scripts/train_lib.py imported as the container imports it (scripts/ on sys.path)."""
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        import train_lib
+        yield train_lib
+    finally:
+        sys.path.remove(str(SCRIPTS))

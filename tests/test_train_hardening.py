@@ -23,16 +23,6 @@ HP = {"arch": "resnet18", "weights": "none", "image-size": 32, "epochs": 2, "fre
 
 
 @pytest.fixture(scope="module")
-def train_lib():
-    sys.path.insert(0, str(SCRIPTS))
-    try:
-        import train_lib
-        yield train_lib
-    finally:
-        sys.path.remove(str(SCRIPTS))
-
-
-@pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     return generate_dataset(tmp_path_factory.mktemp("data") / "dogImages", num_classes=2, per_class=(8, 4, 4),
                             size=32)

@@ -340,16 +340,6 @@ def test_bad_input_fails_with_a_message_naming_the_field(case, tmp_path):
 
 # ----------------------------------------------------------------------------- pure helpers
 
-@pytest.fixture(scope="module")
-def train_lib():
-    sys.path.insert(0, str(SCRIPTS))
-    try:
-        import train_lib
-        yield train_lib
-    finally:
-        sys.path.remove(str(SCRIPTS))
-
-
 def test_values_decode_plain_and_json_quoted(train_lib, capsys):
     args = train_lib.parse_args(["--lr", '"0.006"', "--batch-size", '"64"', "--epochs", "8", "--amp", '"false"',
                                  "--arch", '"resnet18"', "--test_batch_size", "512", "--sagemaker_region", "x"])
