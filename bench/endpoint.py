@@ -21,7 +21,8 @@ photos offline) must equal torch's. Requests are 500x375 JPEGs over keep-alive H
 ResNet50 with random weights (speed does not depend on them), 133 classes, 224 px.
 
 --knobs runs the stack serving the deployed archive under several Environments
-(TorchServe workers x OMP threads per worker, TorchServe batching) the same way.
+(TorchServe workers x OMP threads per worker, core sharing between the workers,
+TorchServe batching) the same way.
 """
 from __future__ import annotations
 
@@ -308,7 +309,8 @@ def top1_answers(url: str, bodies: list[bytes]) -> list[int]:
 
 
 def start_servers(specs: dict, log_dir: Path) -> dict:
-    """name -> (kind, archive, env); all started at once, then waited for."""
+    """name -> (kind, archive, env); each started once the one before is ready: the free ports
+    launch() picks are free when picked, and a neighbour starting at the same time can take one."""
     started = {}
     try:
         for name, (kind, archive, env) in specs.items():
@@ -319,9 +321,8 @@ def start_servers(specs: dict, log_dir: Path) -> dict:
                                              max_batch_delay_ms=5.0)
             else:
                 started[name] = serving.launch(archive, env=env, log_path=log, workdir=log_dir / slug)
-        for name, s in started.items():
-            s.wait_ready(300)
-            print(f"ready: {name} at {s.url}", flush=True)
+            started[name].wait_ready(300)
+            print(f"ready: {name} at {started[name].url}", flush=True)
     except BaseException:
         stop_all(started)
         raise
@@ -474,7 +475,10 @@ def compare(args, tmp: Path, archives: dict, body: bytes, photos: list[bytes]) -
 KNOBS = {  # name -> Environment over serving_env's base (steps/model.py); None removes a key
     "1 worker x 2 threads": {"SAGEMAKER_MODEL_SERVER_WORKERS": "1", "OMP_NUM_THREADS": "2"},
     "2 workers x 1 thread": {"SAGEMAKER_MODEL_SERVER_WORKERS": "2", "OMP_NUM_THREADS": "1"},
-    "2 workers x 2 threads": {"SAGEMAKER_MODEL_SERVER_WORKERS": "2", "OMP_NUM_THREADS": "2"},
+    "2 workers x 2 threads, no core sharing": {"SAGEMAKER_MODEL_SERVER_WORKERS": "2", "OMP_NUM_THREADS": "2",
+                                               "INFERENCE_SHARE_CORES": "0"},
+    "2 workers x 2 threads, cores shared (inference.py CoreShare)": {"SAGEMAKER_MODEL_SERVER_WORKERS": "2",
+                                                                     "OMP_NUM_THREADS": "2"},
     "1 worker x 2 threads, TS batch 8 / 5 ms": {"SAGEMAKER_MODEL_SERVER_WORKERS": "1", "OMP_NUM_THREADS": "2",
                                                 "SAGEMAKER_TS_BATCH_SIZE": "8", "SAGEMAKER_TS_MAX_BATCH_DELAY": "5"},
 }

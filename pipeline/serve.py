@@ -500,6 +500,9 @@ def serve(model: str | os.PathLike, host: str = "127.0.0.1", port: int | None = 
 
         # intra-op threads do the forward pass; input decoding runs on a few extra threads
         torch.set_num_threads(threads or int(os.environ.get("OMP_NUM_THREADS", 0)) or os.cpu_count() or 1)
+        # one inference thread runs every forward pass: no other worker to share the cores
+        # with (inference.py CoreShare), so no extra ONNX Runtime sessions for it
+        os.environ["INFERENCE_SHARE_CORES"] = "0"
         sock = bind_socket(host, port)
         url = f"http://{host}:{sock.getsockname()[1]}"
         server = None

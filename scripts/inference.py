@@ -34,13 +34,21 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import importlib.util
 import io
 import json
 import os
+import stat
 import sys
+import tempfile
 from http import HTTPStatus
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no core sharing, every call on all threads
+    fcntl = None
 
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -108,6 +116,74 @@ def _load_modeling():
 modeling = _load_modeling()
 
 
+class CoreShare:
+    """The host's cores, shared by the model server's worker processes.
+
+    The serving stack runs SAGEMAKER_MODEL_SERVER_WORKERS processes, each allowed every vCPU
+    (OMP_NUM_THREADS). A lone request is answered fastest on all cores, but two forward passes
+    that each spread over both cores of a 2-vCPU host cost more CPU per request than two on one
+    core each (bench/endpoint.py --knobs: 2 workers x 1 thread serve 8 clients 8% faster than
+    2 x 2, and a lone client 60% slower). So each forward pass counts the others in flight on
+    this host and runs on cores // (others + 1) threads. Workers are separate processes: each
+    call flock()s one of `slots` files in `directory` for its duration, and counts the slots
+    it finds locked. A slot file is opened per call, so threads of one process count too."""
+
+    def __init__(self, cores: int, slots: int, directory: str | os.PathLike):
+        self.cores, self.slots, self.directory = max(1, cores), max(1, slots), Path(directory)
+
+    @classmethod
+    def for_host(cls, cores: int, slots: int) -> CoreShare | None:
+        """One per host and user in the temp dir (INFERENCE_CORE_SLOTS_DIR elsewhere); None
+        when there is nothing to share or the directory is not safely ours."""
+        if fcntl is None or cores < 2 or slots < 2:
+            return None
+        directory = Path(os.environ.get("INFERENCE_CORE_SLOTS_DIR")
+                         or Path(tempfile.gettempdir()) / f"inference-cores-{os.getuid()}")
+        try:
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            info = os.lstat(directory)
+        except OSError as err:
+            print(f"warning: core sharing off: {directory}: {err}", file=sys.stderr, flush=True)
+            return None
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o022:
+            print(f"warning: core sharing off: {directory} is not a directory only this user may write",
+                  file=sys.stderr, flush=True)
+            return None
+        return cls(cores, slots, directory)
+
+    @contextlib.contextmanager
+    def threads(self):
+        """Holds a slot while the body runs; yields the threads the body may use."""
+        held, busy = None, 0
+        try:
+            for slot in range(self.slots):
+                fd = os.open(self.directory / f"slot-{slot}", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
+                             | getattr(os, "O_NOFOLLOW", 0), 0o600)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    busy += 1
+                    os.close(fd)
+                    continue
+                if held is None:
+                    held = fd
+                else:
+                    os.close(fd)  # a free slot: closing it unlocks it
+            yield max(1, self.cores // (busy + 1))
+        finally:
+            if held is not None:
+                os.close(held)
+
+
+def _server_workers() -> int:
+    """The model server's worker processes on this host: TorchServe starts one per vCPU
+    unless SAGEMAKER_MODEL_SERVER_WORKERS says otherwise."""
+    try:
+        return max(1, int(os.environ.get("SAGEMAKER_MODEL_SERVER_WORKERS") or os.cpu_count() or 1))
+    except ValueError:
+        return os.cpu_count() or 1
+
+
 def _fast_net(model_dir: str, meta: dict, device: torch.device):
     """model.onnx under ONNX Runtime when model.json lists it, the runtime imports and the
     file's sha256 matches; else None (the torch path serves). INFERENCE_RUNTIME=torch skips
@@ -118,7 +194,7 @@ def _fast_net(model_dir: str, meta: dict, device: torch.device):
     if wanted == "torch" or (wanted == "auto" and (device.type != "cpu" or "onnx" not in meta)):
         return None
     try:
-        return modeling.load_onnx(model_dir, meta, threads=torch.get_num_threads())
+        return modeling.load_onnx(model_dir, meta, threads=torch.get_num_threads(), shares=_shares())
     except Exception as err:  # ImportError, missing or corrupt file, a runtime that refuses it
         if wanted == "onnx":
             raise RuntimeError(f"INFERENCE_RUNTIME=onnx but the ONNX model cannot be served: {err}") from err
@@ -127,23 +203,35 @@ def _fast_net(model_dir: str, meta: dict, device: torch.device):
         return None
 
 
+def _shares() -> int:
+    """How many forward passes may share the cores at once: the server's workers, unless
+    INFERENCE_SHARE_CORES=0 gives every call all threads."""
+    if os.environ.get("INFERENCE_SHARE_CORES", "1").strip().lower() in ("0", "false", "no", "off"):
+        return 1
+    return min(_server_workers(), torch.get_num_threads())
+
+
 def model_fn(model_dir: str) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     meta_path = Path(model_dir) / modeling.MODEL_META_FILE
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     net = _fast_net(model_dir, meta, device)
+    share = None
     if net is None:
         net, meta = modeling.load_model(model_dir, device=device)
         net = net.to(memory_format=torch.channels_last).eval()
+    elif len(net.sessions) > 1:
+        share = CoreShare.for_host(net.threads, _shares())
     runtime = getattr(net, "runtime", "torch")
     print(f"model_fn: {model_dir}: {'model.onnx with ONNX Runtime' if runtime != 'torch' else 'model.pth with PyTorch'}"
-          f" on {device}, {torch.get_num_threads()} threads", flush=True)
+          f" on {device}, {torch.get_num_threads()} threads"
+          + (f", shared with up to {share.slots - 1} other calls" if share else ""), flush=True)
     labels = list(meta.get("labels") or [modeling.breed_label(c) for c in meta["classes"]])
     _decode["min_size"] = int(meta["resize_size"])
     return {"net": net, "meta": meta, "labels": labels, "transform": modeling.eval_transform(
         int(meta["resize_size"]), int(meta["image_size"]), meta.get("mean", modeling.IMAGENET_MEAN),
         meta.get("std", modeling.IMAGENET_STD)), "device": device,
-        "runtime": runtime}
+        "runtime": runtime, "core_share": share}
 
 
 def _media_type(header: str | None) -> str:
@@ -309,8 +397,14 @@ def predict_fn(data: dict, model: dict) -> dict:
     pixels = torch.stack([model["transform"](image) for image in data["images"]])
     if model.get("runtime", "torch") == "torch":
         pixels = pixels.to(model["device"], memory_format=torch.channels_last)
+    share = model.get("core_share")
     with torch.inference_mode():
-        probabilities = model["net"](pixels).float().softmax(dim=1).cpu()
+        if share is None:
+            logits = model["net"](pixels)
+        else:
+            with share.threads() as threads:
+                logits = model["net"](pixels, threads=threads)
+        probabilities = logits.float().softmax(dim=1).cpu()
     return {"probabilities": probabilities, "labels": model["labels"], "batch": data["batch"]}
 
 

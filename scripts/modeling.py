@@ -183,34 +183,50 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 class OnnxNet:
     """The exported network run by ONNX Runtime, called like the torch module:
-    float pixels [N, 3, H, W] in, float32 logits [N, classes] out (CPU tensors)."""
+    float pixels [N, 3, H, W] in, float32 logits [N, classes] out (CPU tensors).
+
+    `threads` is the most intra-op threads a call may use. With `shares` > 1 it also holds
+    sessions for threads/2, threads/4, ... down to threads/shares (ONNX Runtime fixes a
+    session's thread count), so a caller that shares the cores with other processes can run
+    a call on fewer threads: net(pixels, threads=1). Each session holds its own weights."""
 
     runtime = "onnxruntime"
 
-    def __init__(self, model: bytes | str, threads: int = 0):
+    def __init__(self, model: bytes | str, threads: int = 0, shares: int = 1):
         import onnxruntime as ort  # lazily: the torch path must work without it
 
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.intra_op_num_threads = max(0, int(threads))  # 0: one per physical core
-        options.inter_op_num_threads = 1
-        if os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE":
-            # idle threads sleep instead of spinning, like torch's OpenMP under the same setting
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
+        def session(intra_op_threads: int):
+            options = ort.SessionOptions()
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+            options.intra_op_num_threads = intra_op_threads  # 0: one per physical core
+            options.inter_op_num_threads = 1
+            if os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE":
+                # idle threads sleep instead of spinning, like torch's OpenMP under the same setting
+                options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            return ort.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
+
+        self.threads = max(0, int(threads))
+        counts, floor = [self.threads], max(1, self.threads // max(1, int(shares)))
+        while counts[-1] // 2 >= floor:
+            counts.append(counts[-1] // 2)
+        self.sessions = {count: session(count) for count in counts}  # most threads first
+        self.session = self.sessions[self.threads]
         self.version = ort.__version__
 
-    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+    def __call__(self, pixels: torch.Tensor, threads: int | None = None) -> torch.Tensor:
+        session = self.session
+        if threads is not None:  # the session with the most threads up to `threads`
+            session = next((s for count, s in self.sessions.items() if count <= max(1, threads)), session)
         array = pixels.detach().to("cpu", torch.float32).contiguous().numpy()
-        (logits,) = self.session.run([ONNX_OUTPUT], {ONNX_INPUT: array})
+        (logits,) = session.run([ONNX_OUTPUT], {ONNX_INPUT: array})
         return torch.from_numpy(logits)
 
     def eval(self):  # the torch module's interface, for code that calls it
         return self
 
 
-def load_onnx(model_dir: str | os.PathLike, meta: dict, threads: int = 0) -> OnnxNet:
+def load_onnx(model_dir: str | os.PathLike, meta: dict, threads: int = 0, shares: int = 1) -> OnnxNet:
     """model.json's "onnx" entry -> an OnnxNet, after checking the file's sha256 against it.
     Raises (ImportError, FileNotFoundError, ValueError, onnxruntime's errors) when that
     cannot be had: the caller decides whether to fall back to model.pth."""
@@ -228,4 +244,4 @@ def load_onnx(model_dir: str | os.PathLike, meta: dict, threads: int = 0) -> Onn
     if digest != entry.get("sha256"):
         raise ValueError(f"{path}: sha256 {digest[:12]}... differs from {MODEL_META_FILE}'s "
                          f"{str(entry.get('sha256'))[:12]}...: the file is corrupt or not this model's")
-    return OnnxNet(data, threads)
+    return OnnxNet(data, threads, shares)

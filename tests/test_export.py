@@ -187,7 +187,7 @@ def test_without_onnxruntime_the_export_is_left_out_and_a_stale_file_removed(scr
 def test_sagemakers_serving_stack_serves_the_onnx_model(exported, tmp_path, monkeypatch):
     """The archive as train_model.py writes it, under the real sagemaker-pytorch-inference +
     TorchServe stack with the Model step's Environment: code/requirements.txt is installed,
-    model_fn takes the fast path, and the answers are torch's."""
+    both workers' model_fn take the fast path and share the cores, and the answers are torch's."""
     from pipeline.runtime import serving
     from steps.model import serving_env
     from tests._runtime_helpers import require_toolkits
@@ -197,7 +197,8 @@ def test_sagemakers_serving_stack_serves_the_onnx_model(exported, tmp_path, monk
     model_dir = _copy(exported[0], tmp_path)
     (model_dir / "code" / "requirements.txt").write_text((SCRIPTS / "requirements-inference.txt").read_text())
     archive = make_tarball(model_dir, tmp_path / "model.tar.gz")
-    env = {**serving_env("ml.m5.large"), "OMP_NUM_THREADS": "1", "SAGEMAKER_MODEL_SERVER_WORKERS": "1"}
+    env = {**serving_env("ml.m5.large"), "INFERENCE_CORE_SLOTS_DIR": str(tmp_path / "slots")}  # as deployed
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)  # conftest's 1 would cap torch's threads under OMP's 2
     monkeypatch.setenv("INFERENCE_RUNTIME", "torch")
     inference = load_inference(model_dir)
     reference = answers(inference, inference.model_fn(str(model_dir)), BODIES)
@@ -211,3 +212,5 @@ def test_sagemakers_serving_stack_serves_the_onnx_model(exported, tmp_path, monk
             assert max(abs(x - y) for x, y in zip(answer["probabilities"], expected["probabilities"])) <= 1e-4
         log = endpoint.log_path.read_text(errors="replace")
     assert "model.onnx with ONNX Runtime" in log, log[-3000:]
+    # both workers loaded it and share the two cores (inference.py CoreShare)
+    assert log.count("2 threads, shared with up to 1 other calls") == 2, log[-3000:]
