@@ -34,9 +34,9 @@ def serving_env(instance_type: str) -> dict[str, str]:
 
     Two TorchServe workers, each free to use every vCPU, idle threads sleeping: measured on
     2 cores (bench/endpoint.py --knobs, README "Endpoint speed"), as fast as one worker for a
-    lone client (its request gets all cores) and the best throughput and p99 with 8 clients
-    (one request's decoding and answer overlap the other's forward pass). Spinning threads
-    (OpenMP's and ONNX Runtime's default) would steal the cores from the other worker.
+    lone client (its request gets all cores) and the best throughput with 8 clients, where
+    inference.py's CoreShare gives each worker's forward pass its share of the cores. Spinning
+    threads (OpenMP's and ONNX Runtime's default) would steal the cores from the other worker.
     No TorchServe batching (SAGEMAKER_TS_BATCH_SIZE): sagemaker-inference's Transformer
     runs a batch's requests one by one, and it measured slower."""
     env = {**INFERENCE_ENV, "SAGEMAKER_MODEL_SERVER_WORKERS": "2", "OMP_WAIT_POLICY": "PASSIVE"}
