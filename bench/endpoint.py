@@ -16,9 +16,16 @@ shared machine (it changes by the second) weighs on every variant alike:
                    archive train_model.py writes now: model.pth + the validated model.onnx
 Each server: p50/p99 at one client, throughput at 1 and N clients, RSS of its whole
 process tree (TorchServe: Java frontend + Python workers). Answers: every server's
-top-1 on natural-ish generated photos (smooth colour fields with shapes; no real
-photos offline) must equal torch's. Requests are 500x375 JPEGs over keep-alive HTTP.
+top-1 on natural-ish generated photos (smooth colour fields with shapes), and on real
+photographs with --real-photos, must equal torch's. Requests are 500x375 JPEGs over
+keep-alive HTTP.
 ResNet50 with random weights (speed does not depend on them), 133 classes, 224 px.
+
+Real photographs, offline: scikit-image's wheel carries a dozen (a cat, an astronaut, coffee,
+a rocket, motorcycles, the moon...), and pip reaches PyPI:
+    pip download --no-deps scikit-image==0.26.0 -d /tmp/skimage
+    python bench/endpoint.py --real-photos /tmp/skimage/scikit_image-0.26.0-*.whl
+A directory of JPEG/PNG files works too.
 
 --knobs runs the stack serving the deployed archive under several Environments
 (TorchServe workers x OMP threads per worker, core sharing between the workers,
@@ -39,6 +46,7 @@ import tarfile
 import tempfile
 import threading
 import time
+import zipfile
 from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import urlparse
@@ -103,6 +111,27 @@ def jpeg(image: Image.Image, quality: int = 90) -> bytes:
     buf = io.BytesIO()
     image.save(buf, "JPEG", quality=quality)
     return buf.getvalue()
+
+
+# scikit-image's sample images that are photographs (the rest are drawings, text, patterns)
+SKIMAGE_PHOTOS = ("astronaut", "brick", "camera", "chelsea", "coffee", "coins", "grass", "gravel",
+                  "hubble_deep_field", "moon", "motorcycle_left", "motorcycle_right", "retina", "rocket")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+def real_photos(path: Path) -> dict[str, bytes]:
+    """name -> JPEG bytes (RGB, quality 90, as a client would send them) of the photographs in a
+    directory of JPEG/PNG files, or in a scikit-image wheel (skimage/data/<SKIMAGE_PHOTOS>)."""
+    if path.is_dir():
+        files = {f.stem: f.read_bytes() for f in sorted(path.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES}
+    else:
+        with zipfile.ZipFile(path) as wheel:
+            files = {Path(n).stem: wheel.read(n) for n in sorted(wheel.namelist())
+                     if n.startswith("skimage/data/") and Path(n).suffix.lower() in IMAGE_SUFFIXES
+                     and Path(n).stem.split("_GRAY")[0] in SKIMAGE_PHOTOS}
+    if not files:
+        raise ValueError(f"{path}: no photographs (JPEG/PNG files, or a scikit-image wheel)")
+    return {name: jpeg(Image.open(io.BytesIO(raw)).convert("RGB")) for name, raw in files.items()}
 
 
 def make_model_dir(path: Path, arch: str, image_size: int, requirements: str) -> Path:
@@ -387,7 +416,7 @@ def server_table(measured: dict, clients: int, envs: dict) -> list[str]:
     return rows
 
 
-def compare(args, tmp: Path, archives: dict, body: bytes, photos: list[bytes]) -> int:
+def compare(args, tmp: Path, archives: dict, body: bytes, photos: list[bytes], real: dict[str, bytes]) -> int:
     deployed_env = serving_env(INSTANCE_TYPE)
     # SageMaker's defaults: TorchServe starts one worker per CPU when the Environment names
     # none; launch() always passes SAGEMAKER_MODEL_SERVER_WORKERS, so pass that very default.
@@ -402,6 +431,8 @@ def compare(args, tmp: Path, archives: dict, body: bytes, photos: list[bytes]) -
         measured = measure(servers, raws, body, args.rounds, args.per_round, args.clients)
         reference = [raws["torch (today)"].top1(p) for p in photos]
         answers = {name: top1_answers(s.url, photos) for name, s in servers.items()}
+        real_reference = [raws["torch (today)"].top1(p) for p in real.values()]
+        real_answers = {name: top1_answers(s.url, list(real.values())) for name, s in servers.items()}
         loaded = model_fn_lines(servers)
     finally:
         stop_all(servers)
@@ -416,6 +447,7 @@ def compare(args, tmp: Path, archives: dict, body: bytes, photos: list[bytes]) -
     round_tput = [d / t for d, t in zip(deployed[many]["throughput_rps_per_round"],
                                         today[many]["throughput_rps_per_round"])]
     agree = {name: sum(a == b for a, b in zip(ans, reference)) for name, ans in answers.items()}
+    real_agree = {name: sum(a == b for a, b in zip(ans, real_reference)) for name, ans in real_answers.items()}
     result = {
         "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_info(args.load_before), "versions": versions(),
@@ -426,8 +458,10 @@ def compare(args, tmp: Path, archives: dict, body: bytes, photos: list[bytes]) -
                      "environments": {n: s[2] for n, s in specs.items()},
                      "local_server": "threads 2, max batch 8, max delay 5 ms", "onnx_export": archives["onnx"]},
         **measured, "model_fn": loaded,
-        "answers": {"photos": len(photos), "kind": "generated natural-ish photos (no real photos offline)",
-                    "top1_equal_to_torch": agree},
+        "answers": {"photos": len(photos), "kind": "generated natural-ish photos",
+                    "top1_equal_to_torch": agree,
+                    "real_photos": {"source": Path(args.real_photos).name, "names": list(real),
+                                    "top1_equal_to_torch": real_agree} if real else None},
         "targets": {
             "stack_deployed_p50_over_today": {"value": round(p50_ratio, 3), "target": "<= 0.70",
                                               "met": p50_ratio <= 0.70,
@@ -457,6 +491,9 @@ def compare(args, tmp: Path, archives: dict, body: bytes, photos: list[bytes]) -
                 "met": local[many]["throughput_rps"] >= 1.5 * local["one_client"]["throughput_rps"]},
             "same_top1_on_photos": {"value": agree, "target": f"{len(photos)} each",
                                     "met": all(v == len(photos) for v in agree.values())},
+            **({"same_top1_on_real_photos": {"value": real_agree, "target": f"{len(real)} each",
+                                             "met": all(v == len(real) for v in real_agree.values())}}
+               if real else {}),
         },
     }
     lines = [f"Endpoint benchmark, {result['when']}: {args.arch} {args.image_size}px {len(DOG_CLASS_DIRS)} classes, "
@@ -518,6 +555,8 @@ def main(argv=None) -> int:
     p.add_argument("--per-round", type=int, default=8, help="single-client requests per server per round")
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--photos", type=int, default=16, help="natural-ish photos for the top-1 check (and the export)")
+    p.add_argument("--real-photos", metavar="PATH", help="real photographs for the top-1 check (and the export): "
+                   "a directory of JPEG/PNG files or a scikit-image wheel (see the module docstring)")
     p.add_argument("--knobs", action="store_true", help="compare the stack's Environment settings instead")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "endpoint.json"))
     args = p.parse_args(argv)
@@ -530,6 +569,11 @@ def main(argv=None) -> int:
         print(f"error: {reason}", file=sys.stderr)
         return 1
     body = jpeg(natural_photo(10_000))
+    try:
+        real = real_photos(Path(args.real_photos)) if args.real_photos else {}
+    except (OSError, ValueError, zipfile.BadZipFile) as err:
+        print(f"error: --real-photos: {err}", file=sys.stderr)
+        return 1
     with tempfile.TemporaryDirectory(prefix="bench-endpoint-") as tmp:
         tmp = Path(tmp)
         photo_dir = tmp / "photos"
@@ -538,10 +582,13 @@ def main(argv=None) -> int:
         for i in range(args.photos):
             photos.append(photo_dir / f"photo_{i}.jpg")
             photos[-1].write_bytes(jpeg(natural_photo(i)))
+        for name, raw in real.items():  # the export is validated on them too
+            photos.append(photo_dir / f"real_{name}.jpg")
+            photos[-1].write_bytes(raw)
         archives = build_archives(tmp, args.arch, args.image_size, photos)
         if args.knobs:
             return knobs(args, tmp, archives, body)
-        return compare(args, tmp, archives, body, [p.read_bytes() for p in photos])
+        return compare(args, tmp, archives, body, [p.read_bytes() for p in photos[:args.photos]], real)
 
 
 if __name__ == "__main__":
