@@ -38,7 +38,8 @@ def serving_env(instance_type: str) -> dict[str, str]:
     inference.py's CoreShare gives each worker's forward pass its share of the cores. Spinning
     threads (OpenMP's and ONNX Runtime's default) would steal the cores from the other worker.
     No TorchServe batching (SAGEMAKER_TS_BATCH_SIZE): sagemaker-inference's Transformer
-    runs a batch's requests one by one, and it measured slower."""
+    runs a batch's requests one by one, with request 0's headers for all; it measured no
+    more throughput and adds its delay to a lone request."""
     env = {**INFERENCE_ENV, "SAGEMAKER_MODEL_SERVER_WORKERS": "2", "OMP_WAIT_POLICY": "PASSIVE"}
     vcpus = instance_vcpus(instance_type)
     if vcpus:
