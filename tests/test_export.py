@@ -9,6 +9,7 @@ import importlib.util
 import json
 import shutil
 import sys
+import time
 
 import pytest
 import torch
@@ -210,7 +211,10 @@ def test_sagemakers_serving_stack_serves_the_onnx_model(exported, tmp_path, monk
             assert status == 200, answer
             assert answer["top"][0]["index"] == expected["top"][0]["index"]
             assert max(abs(x - y) for x, y in zip(answer["probabilities"], expected["probabilities"])) <= 1e-4
-        log = endpoint.log_path.read_text(errors="replace")
-    assert "model.onnx with ONNX Runtime" in log, log[-3000:]
-    # both workers loaded it and share the two cores (inference.py CoreShare)
-    assert log.count("2 threads, shared with up to 1 other calls") == 2, log[-3000:]
+        # both workers load it and share the two cores (inference.py CoreShare); the endpoint is
+        # ready with one worker READY, so the other may still be in model_fn
+        shared = "model.onnx with ONNX Runtime on cpu, 2 threads, shared with up to 1 other calls"
+        deadline = time.monotonic() + 120
+        while (log := endpoint.log_path.read_text(errors="replace")).count(shared) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+    assert log.count(shared) == 2, log[-3000:]
