@@ -130,6 +130,7 @@ class CoreShare:
 
     def __init__(self, cores: int, slots: int, directory: str | os.PathLike):
         self.cores, self.slots, self.directory = max(1, cores), max(1, slots), Path(directory)
+        self._warned = False
 
     @classmethod
     def for_host(cls, cores: int, slots: int) -> CoreShare | None:
@@ -153,7 +154,23 @@ class CoreShare:
 
     @contextlib.contextmanager
     def threads(self):
-        """Holds a slot while the body runs; yields the threads the body may use."""
+        """Holds a slot while the body runs; yields the threads the body may use. A slot
+        directory that fails (removed, disk full) costs the sharing, never the request."""
+        try:
+            held, busy = self._claim()
+        except OSError as err:
+            if not self._warned:
+                self._warned = True
+                print(f"warning: core sharing skipped: {self.directory}: {err}", file=sys.stderr, flush=True)
+            held, busy = None, 0
+        try:
+            yield max(1, self.cores // (busy + 1))
+        finally:
+            if held is not None:
+                os.close(held)
+
+    def _claim(self) -> tuple[int | None, int]:
+        """(the fd of the slot now held by this call or None, how many slots others hold)."""
         held, busy = None, 0
         try:
             for slot in range(self.slots):
@@ -169,10 +186,11 @@ class CoreShare:
                     held = fd
                 else:
                     os.close(fd)  # a free slot: closing it unlocks it
-            yield max(1, self.cores // (busy + 1))
-        finally:
+        except BaseException:
             if held is not None:
                 os.close(held)
+            raise
+        return held, busy
 
 
 def _server_workers() -> int:

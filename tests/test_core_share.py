@@ -123,3 +123,16 @@ def test_a_slot_directory_that_is_not_safely_ours_turns_sharing_off(inference, t
     assert inference.CoreShare.for_host(cores=2, slots=2) is None
     assert "core sharing off" in capsys.readouterr().err
     assert not list(target.iterdir())  # nothing written through it
+
+
+def test_a_slot_directory_that_fails_later_costs_the_sharing_not_the_request(inference, exported, capsys):  # noqa: F811
+    model = inference.model_fn(str(exported[0]))
+    share = model["core_share"]
+    for slot in share.directory.iterdir():
+        slot.unlink()
+    share.directory.rmdir()  # e.g. a tmp cleaner removed it under the running server
+    out = [inference.predict_fn(inference.input_fn(body, "image/jpeg"), model) for body in BODIES]
+    assert [o["probabilities"].shape[0] for o in out] == [1, 1, 1]
+    with share.threads() as threads:  # every core, as if alone
+        assert threads == 2
+    assert capsys.readouterr().err.count("core sharing skipped") == 1  # said once, not per request
