@@ -128,7 +128,7 @@ def real_photos(path: Path) -> dict[str, bytes]:
         with zipfile.ZipFile(path) as wheel:
             files = {Path(n).stem: wheel.read(n) for n in sorted(wheel.namelist())
                      if n.startswith("skimage/data/") and Path(n).suffix.lower() in IMAGE_SUFFIXES
-                     and Path(n).stem.split("_GRAY")[0] in SKIMAGE_PHOTOS}
+                     and Path(n).stem in SKIMAGE_PHOTOS}
     if not files:
         raise ValueError(f"{path}: no photographs (JPEG/PNG files, or a scikit-image wheel)")
     return {name: jpeg(Image.open(io.BytesIO(raw)).convert("RGB")) for name, raw in files.items()}
