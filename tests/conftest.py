@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests._aws_helpers import fake_aws_env, reset_moto, start_moto  # no boto3 import: env below comes first
+from tests._aws_helpers import REGION, fake_aws_env, reset_moto, start_moto  # no boto3 import: env below comes first
 from tests._scripts_helpers import SCRIPTS
 
 # Set before any test imports torch, sagemaker or boto3.
@@ -44,6 +44,20 @@ def aws_env(moto_server, monkeypatch):
     reset_moto(moto_server)
     fake_aws_env(monkeypatch, moto_server)
     return moto_server
+
+
+@pytest.fixture
+def stubbed_sm(monkeypatch):
+    """(SageMaker client, its botocore Stubber) for calls moto lacks: fake credentials, no
+    endpoint, so an unstubbed call fails; every queued response must be used."""
+    import boto3
+    from botocore.stub import Stubber
+
+    fake_aws_env(monkeypatch, endpoint=None)
+    sm = boto3.client("sagemaker", region_name=REGION)
+    with Stubber(sm) as stub:
+        yield sm, stub
+        stub.assert_no_pending_responses()
 
 
 # ---------------------------------------------------------------- the built definition, once per session

@@ -11,11 +11,10 @@ from types import SimpleNamespace
 
 import boto3
 import pytest
-from botocore.stub import Stubber
 
 import run_pipeline
 from pipeline import aws
-from tests._aws_helpers import ACCOUNT, REGION, SAGEMAKER_TRUST, fake_aws_env
+from tests._aws_helpers import ACCOUNT, REGION, SAGEMAKER_TRUST
 
 ROLE_ARN = f"arn:aws:iam::{ACCOUNT}:role/dogbreed-sagemaker"
 BUCKET = "dogbreed-artifacts"
@@ -221,15 +220,6 @@ def _step(name, status, minutes, **extra):
     return {**s, **extra}
 
 
-@pytest.fixture
-def stubbed(monkeypatch):
-    fake_aws_env(monkeypatch, endpoint=None)
-    sm = boto3.client("sagemaker", region_name=REGION)
-    with Stubber(sm) as stub:
-        yield sm, stub
-        stub.assert_no_pending_responses()
-
-
 def _poll(stub, status, steps, reason=None):
     arn = {"PipelineExecutionArn": EXEC_ARN}
     stub.add_response("describe_pipeline_execution", _desc(status, reason), arn)
@@ -237,8 +227,8 @@ def _poll(stub, status, steps, reason=None):
                       {**arn, "SortOrder": "Ascending"})
 
 
-def test_wait_shows_step_table_backs_off_and_reports_failure(stubbed):
-    sm, stub = stubbed
+def test_wait_shows_step_table_backs_off_and_reports_failure(stubbed_sm):
+    sm, stub = stubbed_sm
     tuning = [_step("TuneHyperparameters", "Executing", 0)]
     _poll(stub, "Executing", tuning)
     _poll(stub, "Executing", tuning)
@@ -274,8 +264,8 @@ class Terminal(io.StringIO):
         return True
 
 
-def test_wait_redraws_the_table_in_place_on_a_terminal(stubbed):
-    sm, stub = stubbed
+def test_wait_redraws_the_table_in_place_on_a_terminal(stubbed_sm):
+    sm, stub = stubbed_sm
     _poll(stub, "Executing", [_step("TuneHyperparameters", "Executing", 0)])
     _poll(stub, "Succeeded", [_step("TuneHyperparameters", "Succeeded", 0), _step("TrainBestModel", "Succeeded", 2)])
     out = Terminal()
@@ -284,8 +274,8 @@ def test_wait_redraws_the_table_in_place_on_a_terminal(stubbed):
     assert "TuneHyperparameters  Executing" in first and "TrainBestModel" in second
 
 
-def test_wait_reports_failed_training_step(stubbed):
-    sm, stub = stubbed
+def test_wait_reports_failed_training_step(stubbed_sm):
+    sm, stub = stubbed_sm
     _poll(stub, "Failed", [_step("TrainBestModel", "Failed", 0,
                                  FailureReason="ClientError: AlgorithmError: CUDA out of memory")])
     desc, steps = aws.wait_execution(sm, EXEC_ARN, out=io.StringIO(), sleep=lambda s: None)
@@ -294,8 +284,8 @@ def test_wait_reports_failed_training_step(stubbed):
     assert "step TrainBestModel: ClientError: AlgorithmError: CUDA out of memory" in out.getvalue()
 
 
-def test_wait_succeeded_paginates_steps(stubbed):
-    sm, stub = stubbed
+def test_wait_succeeded_paginates_steps(stubbed_sm):
+    sm, stub = stubbed_sm
     arn = {"PipelineExecutionArn": EXEC_ARN}
     stub.add_response("describe_pipeline_execution", _desc("Succeeded"), arn)
     stub.add_response("list_pipeline_execution_steps",

@@ -67,15 +67,6 @@ def test_the_one_line_the_hint_names_is_in_pipeline_yaml():
     assert "\ndebugger:\n  enabled: true" in text   # the line the hint tells a new account to change
 
 
-@pytest.fixture
-def stubbed_sm(monkeypatch):
-    fake_aws_env(monkeypatch, endpoint=None)
-    sm = boto3.client("sagemaker", region_name=REGION)
-    with Stubber(sm) as stub:
-        yield sm, stub
-        stub.assert_no_pending_responses()
-
-
 EXEC_ARN = f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:pipeline/dogbreed/execution/abc123def456"
 
 
