@@ -202,17 +202,18 @@ def _server_workers() -> int:
         return os.cpu_count() or 1
 
 
-def _fast_net(model_dir: str, meta: dict, device: torch.device):
+def _fast_net(model_dir: str, meta: dict, device: torch.device, shares: int):
     """model.onnx under ONNX Runtime when model.json lists it, the runtime imports and the
-    file's sha256 matches; else None (the torch path serves). INFERENCE_RUNTIME=torch skips
-    it; INFERENCE_RUNTIME=onnx makes its absence an error instead of a fallback."""
+    file's sha256 matches, with sessions for `shares` calls at once; else None (the torch
+    path serves). INFERENCE_RUNTIME=torch skips it; INFERENCE_RUNTIME=onnx makes its
+    absence an error instead of a fallback."""
     wanted = os.environ.get("INFERENCE_RUNTIME", "auto").strip().lower() or "auto"
     if wanted not in ("auto", "onnx", "torch"):
         raise ValueError(f"INFERENCE_RUNTIME={wanted!r}: use auto, onnx or torch")
     if wanted == "torch" or (wanted == "auto" and (device.type != "cpu" or "onnx" not in meta)):
         return None
     try:
-        return modeling.load_onnx(model_dir, meta, threads=torch.get_num_threads(), shares=_shares())
+        return modeling.load_onnx(model_dir, meta, threads=torch.get_num_threads(), shares=shares)
     except Exception as err:  # ImportError, missing or corrupt file, a runtime that refuses it
         if wanted == "onnx":
             raise RuntimeError(f"INFERENCE_RUNTIME=onnx but the ONNX model cannot be served: {err}") from err
@@ -233,13 +234,14 @@ def model_fn(model_dir: str) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     meta_path = Path(model_dir) / modeling.MODEL_META_FILE
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    net = _fast_net(model_dir, meta, device)
+    shares = _shares()
+    net = _fast_net(model_dir, meta, device, shares)
     share = None
     if net is None:
         net, meta = modeling.load_model(model_dir, device=device)
         net = net.to(memory_format=torch.channels_last).eval()
     elif len(net.sessions) > 1:
-        share = CoreShare.for_host(net.threads, _shares())
+        share = CoreShare.for_host(net.threads, shares)
     runtime = getattr(net, "runtime", "torch")
     print(f"model_fn: {model_dir}: {'model.onnx with ONNX Runtime' if runtime != 'torch' else 'model.pth with PyTorch'}"
           f" on {device}, {torch.get_num_threads()} threads"
