@@ -19,6 +19,7 @@ resumes that execution: finished steps and tuning trials are not redone.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -43,6 +44,7 @@ from pipeline.local.jobs import JobError, arn, bar, now_iso, read_json, run_trai
 from pipeline.local.store import LocalStore
 from pipeline.local.tuner import TuningError, run_tuning_job
 from pipeline.params import resolve_parameters
+from pipeline.processes import stop_group
 from scripts import metrics
 
 SUPPORTED = ("Training", "Tuning", "Model", "RegisterModel", "Condition", "Fail", "EndpointConfig", "Endpoint")
@@ -592,12 +594,13 @@ def _stop_pid(pid: int, start_time: float | None = None) -> None:
         ours = "pipeline.serve" in command or "sagemaker_pytorch_serving_container" in command
         if not ours or os.getpgid(proc.pid) != proc.pid:
             return
+        def reap():  # when the server is this process's own child (psutil then collects it)
+            with contextlib.suppress(psutil.Error):
+                proc.wait(0)
+
         # the whole group: our server, or the toolkit with TorchServe's Java process and its workers
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except psutil.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop_group(proc.pid, 30, reap=reap)
+        with contextlib.suppress(psutil.Error):
             proc.wait(10)
     except (psutil.Error, ProcessLookupError, PermissionError, ValueError, TypeError):
         pass

@@ -38,6 +38,7 @@ from pipeline.archives import extract_tar
 from pipeline.errors import UserError
 from pipeline.files import atomic_path, atomic_write
 from pipeline.local.store import LocalStore
+from pipeline.processes import stop_group
 from scripts.metrics import parse_metrics
 
 REGION = "local"
@@ -209,15 +210,8 @@ def _set_pdeathsig() -> None:
 def _kill_tree(proc: subprocess.Popen, grace: float = 5.0) -> None:
     if proc.poll() is not None:
         return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(grace)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
+    stop_group(proc.pid, grace, reap=proc.poll)
+    proc.wait()
 
 
 def _link_channel(store: LocalStore, channel: dict, dest: Path) -> None:

@@ -26,7 +26,6 @@ Three things differ from the image, all so that several servers can share one ho
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import re
@@ -41,6 +40,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from pipeline.processes import group_alive, stop_group
 from pipeline.runtime import toolkits
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -158,28 +158,11 @@ class Endpoint:
         raise TimeoutError(f"the SageMaker serving stack was not ready after {timeout:g} s; "
                            f"log {self.log_path}:\n{self.log_tail()}")
 
-    def _group_alive(self) -> bool:
-        try:
-            os.killpg(self.process.pid, 0)
-            return True
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-
     def stop(self, timeout: float = 30.0) -> int | None:
         """SIGTERM to the process group (the toolkit forwards it to TorchServe, which stops its
         workers), SIGKILL to whatever is left after timeout; the toolkit process's exit status."""
-        if self._group_alive():
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGTERM)
-            deadline = time.monotonic() + timeout
-            while self._group_alive() and time.monotonic() < deadline:
-                self.process.poll()  # reap the leader so that it stops counting
-                time.sleep(0.1)
-            if self._group_alive():
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.process.pid, signal.SIGKILL)
+        if group_alive(self.process.pid):
+            stop_group(self.process.pid, timeout, reap=self.process.poll)
         try:
             self.process.wait(timeout)
         except subprocess.TimeoutExpired:
